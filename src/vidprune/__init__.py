@@ -1,0 +1,25 @@
+"""vidprune: training-free token pruning for diffusers video transformers.
+
+    import vidprune
+    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5))   # prune the pipeline's transformer
+    video = pipe(prompt).frames[0]
+    print(vidprune.stats(pipe))                          # tokens kept per step and span
+    vidprune.remove(pipe)                                # back to bit-identical behaviour
+"""
+
+from .adapters import UnsupportedModelError, supported_classes
+from .config import TapeConfig
+from .patch import apply, remove, stats
+from .stats import PruneStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TapeConfig",
+    "PruneStats",
+    "UnsupportedModelError",
+    "apply",
+    "remove",
+    "stats",
+    "supported_classes",
+]

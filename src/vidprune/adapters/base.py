@@ -1,0 +1,48 @@
+"""What the runtime needs to know about a model family. One subclass per family."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..tokens import TokenGrid
+
+
+class Adapter:
+    """Model knowledge for one family of diffusers video transformers.
+
+    Block inputs are handled as a dict of the block's forward arguments by name; the runtime
+    binds positional calls to names with the block's signature.
+    """
+
+    #: diffusers transformer classes this adapter handles
+    model_classes: tuple[type, ...] = ()
+    #: the transformer forward argument that carries the denoising timestep
+    timestep_argument: str = "timestep"
+
+    def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
+        """The stack of transformer blocks, in execution order."""
+        raise NotImplementedError
+
+    def token_grid(self, transformer: torch.nn.Module, hidden_states: torch.Tensor) -> TokenGrid:
+        """Token grid of the model input `hidden_states` (batch, channels, frames, height, width)."""
+        raise NotImplementedError
+
+    def gather_block_inputs(self, inputs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+        """The per-token block inputs (hidden states, positional tables, per-token modulation)
+        restricted to the tokens `index` (batch, kept). Other inputs are left out."""
+        raise NotImplementedError
+
+    def query_key(
+        self, block: torch.nn.Module, inputs: dict[str, Any], query_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's self-attention queries for tokens `query_index` (1-D) and keys for all
+        tokens, as the block computes them (modulation, norms, RoPE), shaped
+        (batch, heads, tokens, head_dim)."""
+        raise NotImplementedError
+
+    def block_flops(self, transformer: torch.nn.Module, tokens: int, context_tokens: int) -> float:
+        """Approximate multiply-add FLOPs of one block on `tokens` video tokens, attention counted
+        as quadratic."""
+        raise NotImplementedError

@@ -1,0 +1,98 @@
+"""apply / remove / stats on a diffusers pipeline or a bare transformer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .adapters import adapter_for
+from .config import TapeConfig
+from .runtime import CallState, attach, detach, pruner_of
+from .stats import PruneStats
+
+_STATE_ATTRIBUTE = "_vidprune_state"
+_pruned_pipeline_classes: dict[type, type] = {}
+
+
+def _is_pipeline(target: Any) -> bool:
+    return not isinstance(target, torch.nn.Module) and hasattr(target, "components")
+
+
+def _transformers(pipeline: Any) -> list[torch.nn.Module]:
+    found = [getattr(pipeline, name, None) for name in ("transformer", "transformer_2")]
+    return [t for t in found if t is not None]
+
+
+def _pruned_pipeline_class(cls: type) -> type:
+    """A subclass of the pipeline class whose __call__ first resets the per-call state."""
+    if cls not in _pruned_pipeline_classes:
+
+        def __call__(self, *args, **kwargs):
+            getattr(self, _STATE_ATTRIBUTE).reset(self.scheduler)
+            return cls.__call__(self, *args, **kwargs)
+
+        _pruned_pipeline_classes[cls] = type(
+            cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "_vidprune_base": cls}
+        )
+    return _pruned_pipeline_classes[cls]
+
+
+def apply(target: Any, config: TapeConfig) -> Any:
+    """Prune the transformer(s) of a diffusers pipeline, or a bare transformer, per `config`.
+
+    Applying again replaces the earlier patch. Returns `target`. Apply diffusers caches before
+    vidprune so that vidprune's block hooks wrap theirs.
+    """
+    if not isinstance(config, TapeConfig):
+        raise TypeError(f"config must be a vidprune.TapeConfig, got {type(config).__name__}")
+    if _is_pipeline(target):
+        transformers = _transformers(target)
+        if not transformers:
+            raise ValueError(f"{type(target).__name__} has no transformer to prune")
+    elif isinstance(target, torch.nn.Module):
+        transformers = [target]
+        if config.needs_step_list:
+            raise ValueError(
+                "full_first_steps/full_last_steps need the call's list of steps, which only a pipeline gives: "
+                "call vidprune.apply(pipeline, config) instead of applying to the transformer"
+            )
+    else:
+        raise TypeError(f"vidprune.apply takes a diffusers pipeline or transformer, got {type(target).__name__}")
+    adapters = [adapter_for(t) for t in transformers]  # raises before anything is changed
+
+    remove(target)
+    state = CallState(config)
+    for transformer, adapter in zip(transformers, adapters):
+        attach(transformer, adapter, config, state)
+    if _is_pipeline(target):
+        setattr(target, _STATE_ATTRIBUTE, state)
+        target.__class__ = _pruned_pipeline_class(type(target))
+    return target
+
+
+def remove(target: Any) -> Any:
+    """Undo `apply`: the model computes exactly as before. A no-op on an unpatched model."""
+    if _is_pipeline(target):
+        for transformer in _transformers(target):
+            detach(transformer)
+        base = getattr(type(target), "_vidprune_base", None)
+        if base is not None:
+            target.__class__ = base
+        if hasattr(target, _STATE_ATTRIBUTE):
+            delattr(target, _STATE_ATTRIBUTE)
+    elif isinstance(target, torch.nn.Module):
+        detach(target)
+    return target
+
+
+def stats(target: Any) -> PruneStats:
+    """What pruning did in the last pipeline call (for a bare transformer: since `apply`)."""
+    if _is_pipeline(target):
+        state = getattr(target, _STATE_ATTRIBUTE, None)
+    else:
+        pruner = pruner_of(target) if isinstance(target, torch.nn.Module) else None
+        state = pruner.state if pruner is not None else None
+    if state is None:
+        raise ValueError(f"vidprune is not applied to this {type(target).__name__}: call vidprune.apply first")
+    return state.stats

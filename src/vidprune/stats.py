@@ -1,0 +1,86 @@
+"""What pruning did during a call: one record per transformer forward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SpanRecord:
+    """One span of blocks [start, end] (inclusive) run on `tokens` of `total` video tokens."""
+
+    start: int
+    end: int
+    tokens: int
+    total: int
+
+
+@dataclass
+class ForwardRecord:
+    """One transformer forward: its noise level, keep ratio and the tokens each span ran on."""
+
+    step: int | None
+    sigma: float
+    keep: float
+    tokens: int
+    spans: list[SpanRecord] = field(default_factory=list)
+    shared_selection: bool = False
+    block_flops: float = 0.0
+    block_flops_unpruned: float = 0.0
+
+    @property
+    def flops_saved(self) -> float:
+        """Fraction of block FLOPs not spent (attention counted as quadratic)."""
+        if self.block_flops_unpruned == 0:
+            return 0.0
+        return 1.0 - self.block_flops / self.block_flops_unpruned
+
+
+@dataclass
+class PruneStats:
+    """All forwards of the current (or last) pipeline call."""
+
+    forwards: list[ForwardRecord] = field(default_factory=list)
+
+    @property
+    def mean_keep(self) -> float:
+        return sum(f.keep for f in self.forwards) / len(self.forwards) if self.forwards else 1.0
+
+    @property
+    def flops_saved(self) -> float:
+        full = sum(f.block_flops_unpruned for f in self.forwards)
+        return 1.0 - sum(f.block_flops for f in self.forwards) / full if full else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "forwards": len(self.forwards),
+            "mean_keep": self.mean_keep,
+            "block_flops_saved": self.flops_saved,
+            "per_forward": [
+                {
+                    "step": f.step,
+                    "sigma": f.sigma,
+                    "keep": f.keep,
+                    "tokens": f.tokens,
+                    "shared_selection": f.shared_selection,
+                    "block_flops_saved": f.flops_saved,
+                    "spans": [[s.start, s.end, s.tokens] for s in f.spans],
+                }
+                for f in self.forwards
+            ],
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{'step':>4} {'sigma':>6} {'keep':>5} {'tokens per span (of total)':<40} {'FLOPs saved':>11}"]
+        for f in self.forwards:
+            spans = " ".join(f"{s.start}-{s.end}:{s.tokens}" for s in f.spans) or "unpruned"
+            step = "-" if f.step is None else str(f.step)
+            shared = " (shared)" if f.shared_selection else ""
+            lines.append(
+                f"{step:>4} {f.sigma:6.3f} {f.keep:5.2f} {spans + f' /{f.tokens}' + shared:<40} {f.flops_saved:11.1%}"
+            )
+        lines.append(
+            f"{len(self.forwards)} transformer forwards, mean keep {self.mean_keep:.3f}, "
+            f"estimated block FLOPs saved {self.flops_saved:.1%}"
+        )
+        return "\n".join(lines)

@@ -1,0 +1,47 @@
+"""The token grid of a video DiT and the gather/scatter of tokens along the sequence axis.
+
+Tokens are flattened frame-major: index = f * H * W + h * W + w. A selection is a LongTensor
+of shape (batch, kept) holding sorted token indices; every sample keeps the same count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """Token counts along time, height and width after patching."""
+
+    frames: int
+    height: int
+    width: int
+
+    @property
+    def per_frame(self) -> int:
+        return self.height * self.width
+
+    @property
+    def size(self) -> int:
+        return self.frames * self.per_frame
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` (batch, kept) of x along dim 1. x may have batch 1 (shared by all samples),
+    e.g. RoPE tables of shape (1, tokens, 1, dim)."""
+    if x.shape[0] == 1 and index.shape[0] > 1:
+        x = x.expand(index.shape[0], *x.shape[1:])
+    if index.shape[0] == 1 and x.shape[0] > 1:
+        index = index.expand(x.shape[0], -1)
+    expanded = index.view(*index.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, expanded)
+
+
+def scatter_tokens(full: torch.Tensor, index: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """A copy of `full` (batch, tokens, ...) whose rows `index` are replaced by `kept`."""
+    if index.shape[0] == 1 and full.shape[0] > 1:
+        index = index.expand(full.shape[0], -1)
+    expanded = index.view(*index.shape, *([1] * (full.ndim - 2))).expand(-1, -1, *full.shape[2:])
+    return full.scatter(1, expanded, kept.to(full.dtype))
