@@ -60,6 +60,8 @@ class TapeConfig:
     share_cfg_selection: the second transformer call of a step (the unconditional branch of
         classifier-free guidance) reuses the first call's selection instead of scoring again.
     seed: seed of the random query sample and of random importance.
+    record_selections: keep every span's kept indices in `vidprune.stats` (for measuring
+        selection jitter; costs memory).
     """
 
     keep: float = 0.5
@@ -78,6 +80,7 @@ class TapeConfig:
     full_last_steps: int = 0
     share_cfg_selection: bool = True
     seed: int = 0
+    record_selections: bool = False
 
     def __post_init__(self) -> None:
         _check_fraction("keep", self.keep)
@@ -108,6 +111,8 @@ class TapeConfig:
         if not isinstance(self.share_cfg_selection, bool):
             _fail("share_cfg_selection", self.share_cfg_selection, "True or False")
         _check_int("seed", self.seed, 0)
+        if not isinstance(self.record_selections, bool):
+            _fail("record_selections", self.record_selections, "True or False")
 
     @property
     def needs_step_list(self) -> bool:

@@ -162,7 +162,8 @@ class TokenPruner:
             gathered = self.adapter.gather_block_inputs(inputs, index)
             current.span_input, current.index = inputs["hidden_states"], index
             current.token_inputs = {k: v for k, v in gathered.items() if k != "hidden_states"}
-            current.record.spans.append(SpanRecord(span.start, span.end, index.shape[1], current.grid.size))
+            recorded = index if self.config.record_selections else None
+            current.record.spans.append(SpanRecord(span.start, span.end, index.shape[1], current.grid, recorded))
             inputs.update(gathered)
         else:
             inputs.update(current.token_inputs)

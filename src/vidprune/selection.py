@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 
 from .tokens import TokenGrid
 
 
-def gaussian_weights(sigma: float, radius: int) -> torch.Tensor:
-    """Normalised Gaussian taps at offsets -radius..radius."""
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    return weights / weights.sum()
+def gaussian_weights(sigma: float, radius: int) -> list[float]:
+    """Normalised Gaussian taps at offsets -radius..radius (plain floats: no tensor has to be
+    copied to the GPU inside the denoising loop)."""
+    weights = [math.exp(-0.5 * (offset / sigma) ** 2) for offset in range(-radius, radius + 1)]
+    total = sum(weights)
+    return [w / total for w in weights]
 
 
 def smooth_over_time(scores: torch.Tensor, grid: TokenGrid, sigma: float, radius: int) -> torch.Tensor:
@@ -22,13 +24,13 @@ def smooth_over_time(scores: torch.Tensor, grid: TokenGrid, sigma: float, radius
     set follows regions that matter over time instead of jumping from frame to frame."""
     if sigma <= 0 or radius == 0 or grid.frames == 1:
         return scores
-    batch = scores.shape[0]
-    # (batch * positions, 1, frames): one 1-D signal per spatial position.
-    signals = scores.float().view(batch, grid.frames, grid.per_frame).transpose(1, 2).reshape(-1, 1, grid.frames)
-    signals = F.pad(signals, (radius, radius), mode="replicate")
-    kernel = gaussian_weights(sigma, radius).to(signals.device).view(1, 1, -1)
-    smoothed = F.conv1d(signals, kernel)
-    return smoothed.view(batch, grid.per_frame, grid.frames).transpose(1, 2).reshape(batch, grid.size)
+    frames = scores.float().view(scores.shape[0], grid.frames, grid.per_frame)
+    first, last = frames[:, :1].expand(-1, radius, -1), frames[:, -1:].expand(-1, radius, -1)
+    padded = torch.cat([first, frames, last], dim=1)
+    # A weighted sum of 2 * radius + 1 shifted copies: a few elementwise kernels, where a
+    # conv1d over (positions, 1, frames) is slow on GPUs.
+    smoothed = sum(w * padded[:, i : i + grid.frames] for i, w in enumerate(gaussian_weights(sigma, radius)))
+    return smoothed.reshape(scores.shape[0], grid.size)
 
 
 def kept_per_frame(grid: TokenGrid, keep: float) -> int:

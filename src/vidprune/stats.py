@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+from .selection import adjacent_frame_iou
+from .tokens import TokenGrid
+
 
 @dataclass
 class SpanRecord:
@@ -12,7 +17,8 @@ class SpanRecord:
     start: int
     end: int
     tokens: int
-    total: int
+    grid: TokenGrid
+    index: torch.Tensor | None = None  # kept token indices, with TapeConfig(record_selections=True)
 
 
 @dataclass
@@ -50,6 +56,14 @@ class PruneStats:
     def flops_saved(self) -> float:
         full = sum(f.block_flops_unpruned for f in self.forwards)
         return 1.0 - sum(f.block_flops for f in self.forwards) / full if full else 0.0
+
+    def selection_iou(self) -> float:
+        """Mean IoU of adjacent frames' kept sets over the recorded selections (1 = no jitter).
+        Needs TapeConfig(record_selections=True)."""
+        spans = [s for f in self.forwards for s in f.spans if s.index is not None]
+        if not spans:
+            raise ValueError("no selections were recorded: apply with TapeConfig(record_selections=True)")
+        return sum(adjacent_frame_iou(s.index, s.grid) for s in spans) / len(spans)
 
     def as_dict(self) -> dict:
         return {

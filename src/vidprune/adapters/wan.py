@@ -20,10 +20,12 @@ from .base import Adapter
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's interleaved RoPE on x (B, N, heads, head_dim) with tables (B or 1, N, 1, head_dim)."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2].float(), sin[..., 1::2].float()
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
+    """Wan's interleaved RoPE on x (B, N, heads, head_dim) with tables (B or 1, N, 1, head_dim),
+    computed in x's dtype (the model itself rotates in the tables' float64: slower, and more
+    precision than ranking tokens needs)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2].to(x.dtype), sin[..., 1::2].to(x.dtype)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
 def _projection(attn: torch.nn.Module, x: torch.Tensor, which: int) -> torch.Tensor:

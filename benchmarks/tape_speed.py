@@ -1,0 +1,321 @@
+"""TAPE speed on a full-size Wan2.1-shaped transformer (random weights, bf16) on one GPU.
+
+Latency does not depend on the weights, so random weights give the real speed of the real
+architecture. Everything is measured side by side in one process:
+
+1. per-block time at every token count used (the ceiling: a pruned forward can at best cost
+   the sum of its blocks' times at their token counts, plus the forward's non-block work);
+2. median transformer forward per denoising step, inside real WanPipeline calls (CFG on, two
+   forwards a step), for: unpatched, TAPE at constant keep, TAPE with the default schedule,
+   naive per-frame pruning and random pruning; plus whole-call times;
+3. the cost of scoring, gather and scatter, timed alone at the span size.
+
+    python benchmarks/tape_speed.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+import vidprune
+from vidprune.adapters import adapter_for
+from vidprune.importance import attention_received, sample_queries
+from vidprune.runtime import bind_arguments
+from vidprune.schedule import plan_keeps
+from vidprune.selection import kept_per_frame, select_per_frame, smooth_over_time
+from vidprune.tokens import TokenGrid, scatter_tokens
+
+SHAPES = {
+    "1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
+    "14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
+}
+
+
+def build_transformer(shape: str, device: str) -> WanTransformer3DModel:
+    with torch.device(device):
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, **SHAPES[shape],
+        )
+    return model.to(torch.bfloat16).eval()
+
+
+def cuda_time(fn, repeats: int, warmup: int = 2) -> list[float]:
+    """Milliseconds of each of `repeats` runs of fn, after warm-up, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+class ForwardTimer:
+    """CUDA-event times of every transformer forward (torch hooks wrap the diffusers hooks)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        module.register_forward_pre_hook(self._start)
+        module.register_forward_hook(self._end)
+
+    def _start(self, module, args):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.events.append((event, None))
+
+    def _end(self, module, args, output):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.events[-1] = (self.events[-1][0], event)
+
+    def take(self) -> list[float]:
+        torch.cuda.synchronize()
+        times = [start.elapsed_time(end) for start, end in self.events]
+        self.events = []
+        return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1.3b")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps of each timed pipeline call")
+    parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument("--block-repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--profile", action="store_true", help="also profile a TAPE call by operator")
+    args = parser.parse_args()
+    device = "cuda"
+    torch.manual_seed(0)
+
+    transformer = build_transformer(args.shape, device)
+    adapter = adapter_for(transformer)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    latent_frames = (args.frames - 1) // 4 + 1
+    latents_shape = (1, 16, latent_frames, args.height // 8, args.width // 8)
+    grid = TokenGrid(latent_frames, args.height // 16, args.width // 16)
+    prompt_embeds = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
+    negative_embeds = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
+    num_layers = len(transformer.blocks)
+    info = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "shape": args.shape,
+        "video": [args.frames, args.height, args.width],
+        "tokens": grid.size,
+        "grid": [grid.frames, grid.height, grid.width],
+        "weights": "random (latency does not depend on weights)",
+        "dtype": "bfloat16",
+        "attention": "PyTorch SDPA via diffusers",
+    }
+    print(info, flush=True)
+
+    # -- 1. per-block times at each token count ----------------------------------------------
+    captured = {}
+
+    def capture(module, a, kw):
+        captured.update(bind_arguments(type(module).forward, a, kw))
+
+    handle = transformer.blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        transformer(
+            hidden_states=torch.randn(latents_shape, device=device, dtype=torch.bfloat16),
+            timestep=torch.tensor([500.0], device=device),
+            encoder_hidden_states=prompt_embeds,
+        )
+    handle.remove()
+    block = transformer.blocks[num_layers // 2]
+    block_ms: dict[int, float] = {}
+
+    def time_block(tokens: int) -> float:
+        if tokens not in block_ms:
+            index = torch.arange(tokens, device=device).unsqueeze(0) * (grid.size // tokens)
+            inputs = dict(captured, **adapter.gather_block_inputs(captured, index))
+            with torch.no_grad():
+                block_ms[tokens] = statistics.median(cuda_time(lambda: block(**inputs), args.block_repeats))
+        return block_ms[tokens]
+
+    for ratio in (1.0, 0.75, 0.5, 0.4, 0.3, 0.2):
+        time_block(kept_per_frame(grid, ratio) * grid.frames)
+
+    # -- 2. pipeline calls ---------------------------------------------------------------------
+    timer = ForwardTimer(transformer)
+    methods = {
+        "unpatched": None,
+        f"tape_constant_{args.keep}": vidprune.TapeConfig(keep=args.keep, schedule="constant"),
+        f"tape_default_{args.keep}": vidprune.TapeConfig(keep=args.keep),
+        f"naive_{args.keep}": vidprune.TapeConfig.naive(args.keep),
+        f"random_{args.keep}": vidprune.TapeConfig.random(args.keep),
+    }
+
+    def call(steps: int):
+        return pipe(
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, guidance_scale=5.0,
+            height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=steps,
+            output_type="latent", generator=torch.Generator(device).manual_seed(0),
+        ).frames
+
+    results = {}
+    with torch.no_grad():
+        for name, config in methods.items():
+            vidprune.remove(pipe)
+            if config is not None:
+                vidprune.apply(pipe, config)
+            call(2)  # warm-up
+            timer.take()
+            call_s = []
+            for _ in range(2):  # the first call meets new token counts; the second is steady state
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                latents = call(args.steps)
+                torch.cuda.synchronize()
+                call_s.append(time.perf_counter() - started)
+                forwards = timer.take()
+            entry = {
+                "forward_ms_median": statistics.median(forwards),
+                "forward_ms_mean": statistics.mean(forwards),
+                "call_s": call_s[1],
+                "first_call_s": call_s[0],
+                "forwards": len(forwards),
+                "forward_ms": [round(t, 2) for t in forwards],
+                "finite_output": bool(torch.isfinite(latents).all()),
+            }
+            if config is not None:
+                stats = vidprune.stats(pipe)
+                entry["mean_keep"] = stats.mean_keep
+                entry["block_flops_saved"] = stats.flops_saved
+                # The ceiling: every forward's non-block work plus its blocks at their token counts.
+                ideal = []
+                for record in stats.forwards:
+                    tokens_at = {l: s.tokens for s in record.spans for l in range(s.start, s.end + 1)}
+                    ideal.append(sum(time_block(tokens_at.get(l, grid.size)) for l in range(num_layers)))
+                entry["ideal_blocks_ms_mean"] = statistics.mean(ideal)
+                entry["keeps"] = [round(r.keep, 4) for r in stats.forwards[::2]]
+            results[name] = entry
+            print(name, {k: v for k, v in entry.items() if k not in ("keeps", "forward_ms")}, flush=True)
+    vidprune.remove(pipe)
+
+    base = results["unpatched"]
+    non_block_ms = base["forward_ms_median"] - num_layers * block_ms[grid.size]
+    for entry in results.values():
+        entry["speedup_forward_median"] = base["forward_ms_median"] / entry["forward_ms_median"]
+        entry["speedup_call"] = base["call_s"] / entry["call_s"]
+        if "ideal_blocks_ms_mean" in entry:
+            entry["ideal_forward_ms_mean"] = entry["ideal_blocks_ms_mean"] + non_block_ms
+            entry["measured_over_ideal"] = entry["forward_ms_mean"] / entry["ideal_forward_ms_mean"]
+
+    # -- 3. the cost of selection, gather and scatter at one span start ------------------------
+    config = vidprune.TapeConfig(keep=args.keep)
+    queries = sample_queries(grid, config.query_samples, 0, device)
+    hidden = captured["hidden_states"]
+
+    def score_and_select():
+        q, k = adapter.query_key(block, captured, queries)
+        scores = smooth_over_time(attention_received(q, k), grid, config.temporal_sigma, config.temporal_radius)
+        return select_per_frame(scores, grid, args.keep)
+
+    with torch.no_grad():
+        index = score_and_select()
+        kept = adapter.gather_block_inputs(captured, index)["hidden_states"]
+        overhead = {
+            "select_ms": statistics.median(cuda_time(score_and_select, 10)),
+            "gather_ms": statistics.median(cuda_time(lambda: adapter.gather_block_inputs(captured, index), 10)),
+            "scatter_ms": statistics.median(cuda_time(lambda: scatter_tokens(hidden, index, kept), 10)),
+        }
+    spans = len(config.span_starts(num_layers))
+    overhead["spans_per_forward"] = spans
+    overhead["per_forward_ms"] = spans * (overhead["select_ms"] + overhead["gather_ms"] + overhead["scatter_ms"])
+    overhead["fraction_of_tape_constant_forward"] = (
+        overhead["per_forward_ms"] / results[f"tape_constant_{args.keep}"]["forward_ms_median"]
+    )
+
+    report = {
+        "info": info,
+        "block_ms": {str(k): v for k, v in sorted(block_ms.items(), reverse=True)},
+        "non_block_ms": non_block_ms,
+        "methods": results,
+        "overhead": overhead,
+        "schedule_keeps_default": plan_keeps(config, [t / 1000 for t in scheduler.timesteps.tolist()]),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"tape_speed_{args.shape}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (args.out / f"{stem}.md").write_text(markdown(report, args))
+    print(markdown(report, args))
+    if args.profile:
+        profile(pipe, call, args.out / f"{stem}_profile.txt")
+
+
+def profile(pipe, call, path: Path) -> None:
+    """Where the time of a TAPE (default schedule) call goes, by operator."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    vidprune.apply(pipe, vidprune.TapeConfig())
+    with torch.no_grad():
+        call(2)
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            call(2)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    path.write_text(table)
+    print(table)
+    vidprune.remove(pipe)
+
+
+def markdown(report: dict, args: argparse.Namespace) -> str:
+    info = report["info"]
+    lines = [
+        f"# TAPE speed, Wan2.1-{info['shape']}-shaped transformer, {info['device']}",
+        "",
+        f"Random weights (latency does not depend on weights), bf16, {info['attention']}, torch {info['torch']}, "
+        f"{info['video'][1]}x{info['video'][2]}x{info['video'][0]} video = {info['tokens']} tokens "
+        f"(grid {'x'.join(map(str, info['grid']))}). WanPipeline calls of {args.steps} steps with CFG "
+        f"(2 forwards a step), UniPC flow_shift 3.0. Made by `python benchmarks/tape_speed.py --shape {info['shape']}`.",
+        "",
+        "| method | mean keep | forward ms (median) | speedup | ideal forward ms | measured / ideal | call s | call speedup | first call s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in report["methods"].items():
+        lines.append(
+            f"| {name} | {e.get('mean_keep', 1.0):.3f} | {e['forward_ms_median']:.1f} | {e['speedup_forward_median']:.2f}x"
+            f" | {e.get('ideal_forward_ms_mean', float('nan')):.1f} | {e.get('measured_over_ideal', float('nan')):.3f}"
+            f" | {e['call_s']:.2f} | {e['speedup_call']:.2f}x | {e['first_call_s']:.2f} |"
+        )
+    lines += [
+        "",
+        "Ideal forward = the unpatched forward's non-block time + the sum of per-block times at each block's token "
+        "count (mean over the call's forwards); measured / ideal compares it with the measured mean forward. "
+        "Times are from the second of two identical calls (steady state); the first call's time is shown too.",
+        "",
+        "| tokens | block ms |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v:.2f} |" for k, v in report["block_ms"].items()]
+    o = report["overhead"]
+    lines += [
+        "",
+        f"Selection (scoring + smoothing + top-k) {o['select_ms']:.2f} ms, gather {o['gather_ms']:.2f} ms, scatter "
+        f"{o['scatter_ms']:.2f} ms per span; {o['spans_per_forward']} spans per forward = {o['per_forward_ms']:.2f} ms, "
+        f"{o['fraction_of_tape_constant_forward']:.1%} of the TAPE constant-keep forward.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

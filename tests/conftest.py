@@ -1,0 +1,73 @@
+"""Shared fixtures: small random Wan pipelines and transformers built in code (offline)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+from PIL import Image
+
+import vidprune
+from vidprune.demo.random_pipeline import build_random_wan_pipeline
+
+torch.set_num_threads(2)
+
+# Spans starting at layers 1, 3 and 5 of the 6-layer tiny transformer.
+SMALL_SPANS = dict(first_pruned_layer=1, reselect_every=2)
+
+
+@pytest.fixture(scope="session")
+def pipelines():
+    """One pipeline of each kind, built once; tests must leave them unpatched."""
+    built = {kind: build_random_wan_pipeline(kind) for kind in ("t2v", "i2v", "v2v")}
+    for pipe in built.values():
+        pipe.set_progress_bar_config(disable=True)
+    return built
+
+
+def pipeline_inputs(kind: str, seed: int = 0, **overrides) -> dict:
+    """Small, fast call arguments for a pipeline of `kind`."""
+    rng = np.random.default_rng(seed)
+    frame = lambda: Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))  # noqa: E731
+    inputs = dict(prompt="a red circle moves left", height=64, width=64, num_inference_steps=3,
+                  output_type="latent", generator=torch.Generator().manual_seed(seed))
+    if kind == "t2v":
+        inputs.update(num_frames=9, max_sequence_length=32)
+    elif kind == "i2v":  # diffusers' Wan I2V attention assumes 512 text tokens
+        inputs.update(num_frames=9, image=frame())
+    else:
+        inputs.update(video=[frame() for _ in range(9)], strength=0.8, max_sequence_length=32)
+    inputs.update(overrides)
+    return inputs
+
+
+def run(pipe, kind: str, seed: int = 0, **overrides) -> torch.Tensor:
+    return pipe(**pipeline_inputs(kind, seed, **overrides)).frames
+
+
+@pytest.fixture
+def clean(pipelines):
+    """Yields the pipelines and makes sure none stays patched after the test."""
+    yield pipelines
+    for pipe in pipelines.values():
+        vidprune.remove(pipe)
+
+
+def tiny_transformer(layers: int = 4, heads: int = 2, head_dim: int = 12, seed: int = 0) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
+        out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=layers, rope_max_seq_len=64,
+    ).eval()
+
+
+def transformer_inputs(batch: int = 1, frames: int = 3, height: int = 8, width: int = 8, seed: int = 0,
+                       dtype: torch.dtype = torch.float32, timestep: float = 700.0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(batch, 4, frames, height, width, generator=generator).to(dtype),
+        timestep=torch.full((batch,), timestep),
+        encoder_hidden_states=torch.randn(batch, 7, 16, generator=generator).to(dtype),
+        return_dict=False,
+    )
