@@ -85,14 +85,19 @@ class PruneStats:
         }
 
     def __str__(self) -> str:
-        lines = [f"{'step':>4} {'sigma':>6} {'keep':>5} {'tokens per span (of total)':<40} {'FLOPs saved':>11}"]
-        for f in self.forwards:
-            spans = " ".join(f"{s.start}-{s.end}:{s.tokens}" for s in f.spans) or "unpruned"
+        """One row per denoising step (its forwards, e.g. the two CFG branches, folded)."""
+        rows: list[list[ForwardRecord]] = []
+        for record in self.forwards:
+            if rows and record.step is not None and rows[-1][0].step == record.step:
+                rows[-1].append(record)
+            else:
+                rows.append([record])
+        lines = [f"{'step':>4} {'sigma':>6} {'keep':>5} {'calls':>5}  {'kept tokens per span (first-last layer: tokens)':<48} {'FLOPs saved':>11}"]
+        for group in rows:
+            f = group[0]
+            spans = " ".join(f"{s.start}-{s.end}:{s.tokens}" for s in f.spans) + f" of {f.tokens}" if f.spans else "unpruned"
             step = "-" if f.step is None else str(f.step)
-            shared = " (shared)" if f.shared_selection else ""
-            lines.append(
-                f"{step:>4} {f.sigma:6.3f} {f.keep:5.2f} {spans + f' /{f.tokens}' + shared:<40} {f.flops_saved:11.1%}"
-            )
+            lines.append(f"{step:>4} {f.sigma:6.3f} {f.keep:5.2f} {len(group):>5}  {spans:<48} {f.flops_saved:11.1%}")
         lines.append(
             f"{len(self.forwards)} transformer forwards, mean keep {self.mean_keep:.3f}, "
             f"estimated block FLOPs saved {self.flops_saved:.1%}"
