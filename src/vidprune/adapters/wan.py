@@ -65,11 +65,14 @@ class WanAdapter(Adapter):
         hidden_states, temb = inputs["hidden_states"], inputs["temb"]
         cos, sin = inputs["rotary_emb"]
         # The first two of the six modulation vectors are the self-attention shift and scale.
+        # The block modulates in float32; in the model's dtype it is one fused kernel and half
+        # the memory traffic, which is all ranking needs.
         if temb.ndim == 4:
             shift, scale = (block.scale_shift_table.unsqueeze(0) + temb.float())[:, :, :2].unbind(2)
         else:
             shift, scale = (block.scale_shift_table + temb.float())[:, :2].unsqueeze(2).unbind(1)
-        x = (block.norm1(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
+        dtype = hidden_states.dtype
+        x = torch.addcmul(shift.to(dtype), block.norm1(hidden_states), (1 + scale).to(dtype))
         attn = block.attn1
 
         key = attn.norm_k(_projection(attn, x, 1)).unflatten(2, (attn.heads, -1))
