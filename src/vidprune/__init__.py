@@ -8,7 +8,8 @@
 """
 
 from .adapters import UnsupportedModelError, supported_classes
-from .config import TapeConfig
+from .config import LipConfig, TapeConfig
+from .interframe import LipDetection
 from .patch import apply, remove, stats
 from .stats import PruneStats
 
@@ -16,6 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TapeConfig",
+    "LipConfig",
+    "LipDetection",
     "PruneStats",
     "UnsupportedModelError",
     "apply",

@@ -6,29 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
+
+from .interframe import LipDetection
+from .validation import check_choice, check_fraction, check_int, fail
+
 IMPORTANCE_KINDS = ("attention", "random")
 SCHEDULE_SHAPES = ("constant", "linear", "cosine", "step")
-
-
-def _fail(name: str, value: Any, accepted: str) -> None:
-    raise ValueError(f"{name}={value!r} is not accepted: {name} must be {accepted}")
-
-
-def _check_fraction(name: str, value: Any, low_open: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(name, value, "a number")
-    if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
-        _fail(name, value, "in (0, 1]" if low_open else "in [0, 1]")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(name, value, f"an integer >= {minimum}")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
 
 
 @dataclass(frozen=True)
@@ -83,36 +67,36 @@ class TapeConfig:
     record_selections: bool = False
 
     def __post_init__(self) -> None:
-        _check_fraction("keep", self.keep)
-        _check_choice("importance", self.importance, IMPORTANCE_KINDS)
-        _check_int("query_samples", self.query_samples, 1)
+        check_fraction("keep", self.keep)
+        check_choice("importance", self.importance, IMPORTANCE_KINDS)
+        check_int("query_samples", self.query_samples, 1)
         if not isinstance(self.temporal_sigma, (int, float)) or self.temporal_sigma < 0:
-            _fail("temporal_sigma", self.temporal_sigma, "a number >= 0 (0 disables smoothing)")
-        _check_int("temporal_radius", self.temporal_radius, 0)
+            fail("temporal_sigma", self.temporal_sigma, "a number >= 0 (0 disables smoothing)")
+        check_int("temporal_radius", self.temporal_radius, 0)
         if not isinstance(self.per_frame, bool):
-            _fail("per_frame", self.per_frame, "True or False")
-        _check_int("first_pruned_layer", self.first_pruned_layer, 0)
-        _check_int("reselect_every", self.reselect_every, 0)
+            fail("per_frame", self.per_frame, "True or False")
+        check_int("first_pruned_layer", self.first_pruned_layer, 0)
+        check_int("reselect_every", self.reselect_every, 0)
         if self.reselect_layers is not None:
             layers = tuple(self.reselect_layers)
             if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
-                _fail("reselect_layers", self.reselect_layers, "None or a non-empty list of layer indices >= 0")
+                fail("reselect_layers", self.reselect_layers, "None or a non-empty list of layer indices >= 0")
             if list(layers) != sorted(set(layers)):
-                _fail("reselect_layers", self.reselect_layers, "strictly increasing layer indices")
+                fail("reselect_layers", self.reselect_layers, "strictly increasing layer indices")
             object.__setattr__(self, "reselect_layers", layers)
-        _check_choice("schedule", self.schedule, SCHEDULE_SHAPES)
+        check_choice("schedule", self.schedule, SCHEDULE_SHAPES)
         if not isinstance(self.schedule_spread, (int, float)) or not 0.0 <= self.schedule_spread <= 1.0:
-            _fail("schedule_spread", self.schedule_spread, "in [0, 1]")
-        _check_fraction("min_keep", self.min_keep)
+            fail("schedule_spread", self.schedule_spread, "in [0, 1]")
+        check_fraction("min_keep", self.min_keep)
         if self.min_keep > self.keep:
-            _fail("min_keep", self.min_keep, f"<= keep ({self.keep})")
-        _check_int("full_first_steps", self.full_first_steps, 0)
-        _check_int("full_last_steps", self.full_last_steps, 0)
+            fail("min_keep", self.min_keep, f"<= keep ({self.keep})")
+        check_int("full_first_steps", self.full_first_steps, 0)
+        check_int("full_last_steps", self.full_last_steps, 0)
         if not isinstance(self.share_cfg_selection, bool):
-            _fail("share_cfg_selection", self.share_cfg_selection, "True or False")
-        _check_int("seed", self.seed, 0)
+            fail("share_cfg_selection", self.share_cfg_selection, "True or False")
+        check_int("seed", self.seed, 0)
         if not isinstance(self.record_selections, bool):
-            _fail("record_selections", self.record_selections, "True or False")
+            fail("record_selections", self.record_selections, "True or False")
 
     @property
     def needs_step_list(self) -> bool:
@@ -129,7 +113,7 @@ class TapeConfig:
             starts = list(range(self.first_pruned_layer, num_layers, self.reselect_every))
         if not starts or starts[-1] >= num_layers:
             field_name = "reselect_layers" if self.reselect_layers is not None else "first_pruned_layer"
-            _fail(field_name, getattr(self, field_name), f"layer indices below the model's {num_layers} layers")
+            fail(field_name, getattr(self, field_name), f"layer indices below the model's {num_layers} layers")
         return starts
 
     @classmethod
@@ -147,4 +131,54 @@ class TapeConfig:
         return replace(self, **changes)
 
 
-__all__ = ["TapeConfig", "IMPORTANCE_KINDS", "SCHEDULE_SHAPES"]
+KV_SOURCES = ("current", "clean")
+RESTORE_MODES = ("x0", "prediction")
+
+
+@dataclass(frozen=True)
+class LipConfig:
+    """LIP: latent inter-frame pruning for video editing (WanVideoToVideoPipeline).
+
+    Tokens of the source video that barely change from the previous latent frame are not
+    computed at any denoising step; their output is restored from their reference token (the
+    last computed occurrence at the same position).
+
+    detection: how the keep mask is found on the clean source latents (see LipDetection).
+    recovery: Attention Recovery: kept queries also attend to duplicates of the references'
+        keys and values at the pruned positions (False: plain pruning, "lip-noar").
+    duplicates: how many duplicates per reference take part, nearest in time first (None: all).
+    kv_source: where duplicated keys and values come from: "current" (the reference's, this
+        step) or "clean" (the reference's from a pass over the clean source latents at t=0,
+        free of the reference's noise sample; costs one extra forward per call and branch).
+    restore: how a pruned token's output is made: "x0" copies the reference's clean-sample
+        estimate and turns it into a velocity for the token's own noisy input (keeps the
+        token's own noise); "prediction" copies the reference's output as it is.
+    mask: an explicit keep mask over the token grid, (frames, height, width) or
+        (batch, frames, height, width) bool, instead of detection (needed on a bare
+        transformer, which never sees the source video).
+    """
+
+    detection: LipDetection = LipDetection()
+    recovery: bool = True
+    duplicates: int | None = None
+    kv_source: str = "current"
+    restore: str = "x0"
+    mask: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.detection, LipDetection):
+            fail("detection", self.detection, "a vidprune.LipDetection")
+        if not isinstance(self.recovery, bool):
+            fail("recovery", self.recovery, "True or False")
+        if self.duplicates is not None:
+            check_int("duplicates", self.duplicates, 0)
+        check_choice("kv_source", self.kv_source, KV_SOURCES)
+        check_choice("restore", self.restore, RESTORE_MODES)
+        if self.mask is not None and (
+            not isinstance(self.mask, torch.Tensor) or self.mask.dtype != torch.bool or self.mask.ndim not in (3, 4)
+        ):
+            shape = tuple(self.mask.shape) if isinstance(self.mask, torch.Tensor) else type(self.mask).__name__
+            fail("mask", shape, "None or a bool tensor (frames, height, width) or (batch, frames, height, width)")
+
+
+__all__ = ["TapeConfig", "LipConfig", "IMPORTANCE_KINDS", "SCHEDULE_SHAPES", "KV_SOURCES", "RESTORE_MODES"]

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .config import _check_choice, _fail
+from .tokens import patches
+from .validation import check_choice, fail
 
 METRICS = ("trimmed_l1", "l1", "l2", "cosine")
 DILATION = (3, 5, 5)
@@ -30,23 +31,22 @@ def _is_number(value: Any) -> bool:
 
 
 def _check_metric(metric: str, trim: float) -> None:
-    _check_choice("metric", metric, METRICS)
+    check_choice("metric", metric, METRICS)
     if not _is_number(trim) or not 0.0 <= trim < 0.5:
-        _fail("trim", trim, "a number in [0, 0.5)")
+        fail("trim", trim, "a number in [0, 0.5)")
 
 
 def patchify(latents: torch.Tensor, patch_size: PatchSize) -> torch.Tensor:
     """(B, C, F, H, W) latents -> (B, F', H', W', C*pt*ph*pw) float32: one row per token."""
     if latents.ndim != 5:
-        _fail("latents", tuple(latents.shape), "a (batch, channels, frames, height, width) tensor")
+        fail("latents", tuple(latents.shape), "a (batch, channels, frames, height, width) tensor")
     if len(patch_size) != 3 or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in patch_size):
-        _fail("patch_size", patch_size, "three integers >= 1 (frames, height, width)")
-    b, c, f, h, w = latents.shape
+        fail("patch_size", patch_size, "three integers >= 1 (frames, height, width)")
+    _, _, f, h, w = latents.shape
     pt, ph, pw = patch_size
     if f % pt or h % ph or w % pw:
-        _fail("patch_size", patch_size, f"divisors of the latent (frames, height, width) {(f, h, w)}")
-    x = latents.float().reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
-    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, f // pt, h // ph, w // pw, -1)
+        fail("patch_size", patch_size, f"divisors of the latent (frames, height, width) {(f, h, w)}")
+    return patches(latents.float(), patch_size)
 
 
 def pair_distance(a: torch.Tensor, b: torch.Tensor, metric: str = "trimmed_l1", trim: float = 0.2) -> torch.Tensor:
@@ -174,22 +174,22 @@ class LipDetection:
     def __post_init__(self) -> None:
         _check_metric(self.metric, self.trim)
         if not _is_number(self.tau) or self.tau < 0:
-            _fail("tau", self.tau, "a number >= 0")
+            fail("tau", self.tau, "a number >= 0")
         if self.tau2 is not None and (not _is_number(self.tau2) or self.tau2 <= 0):
-            _fail("tau2", self.tau2, "None (no drift bound) or a number > 0")
+            fail("tau2", self.tau2, "None (no drift bound) or a number > 0")
         for name in ("median", "smooth", "cleanup", "dilate"):
             if not isinstance(getattr(self, name), bool):
-                _fail(name, getattr(self, name), "True or False")
+                fail(name, getattr(self, name), "True or False")
         if not _is_number(self.sigma) or self.sigma <= 0:
-            _fail("sigma", self.sigma, "a number > 0")
+            fail("sigma", self.sigma, "a number > 0")
         if self.target_prune is not None and (not _is_number(self.target_prune) or not 0 <= self.target_prune < 1):
-            _fail("target_prune", self.target_prune, "None or a number in [0, 1)")
+            fail("target_prune", self.target_prune, "None or a number in [0, 1)")
 
 
 def _scores(tokens: torch.Tensor, detection: LipDetection) -> torch.Tensor:
     """The (B, F'-1, H', W') volume that tau thresholds: distances, median filtered and smoothed."""
     if tokens.shape[1] < 2:
-        _fail("latents", f"{tokens.shape[1]} token frame(s)", "at least 2 token frames (frames / pt >= 2)")
+        fail("latents", f"{tokens.shape[1]} token frame(s)", "at least 2 token frames (frames / pt >= 2)")
     scores = pair_distance(tokens[:, 1:], tokens[:, :-1], detection.metric, detection.trim)
     if detection.median:
         scores = median_filter3d(scores)
@@ -251,7 +251,7 @@ def fit_tau(
     """The tau per video (B,) that prunes `detection.target_prune` of its tokens, within one
     token per frame where the mask allows it, and the keep mask at that tau (B, F', H', W')."""
     if detection.target_prune is None:
-        _fail("target_prune", None, "a number in [0, 1) to fit tau to")
+        fail("target_prune", None, "a number in [0, 1) to fit tau to")
     tokens = patchify(latents, patch_size)
     scores = _scores(tokens, detection)
     fits = [_fit_one(tokens[i : i + 1], scores[i : i + 1], detection) for i in range(tokens.shape[0])]
@@ -286,7 +286,7 @@ def reference_index(mask: torch.Tensor) -> torch.Tensor:
     the same or an earlier frame (kept tokens are their own reference)."""
     b, f, h, w = mask.shape
     if not mask[:, 0].all():
-        _fail("mask", "a mask with pruned tokens in frame 0", "a mask whose frame 0 is all kept")
+        fail("mask", "a mask with pruned tokens in frame 0", "a mask whose frame 0 is all kept")
     frames = torch.arange(f, device=mask.device).view(1, f, 1, 1)
     last_kept = torch.where(mask, frames, -1).cummax(dim=1).values
     positions = torch.arange(h * w, device=mask.device).view(1, 1, h, w)

@@ -7,9 +7,14 @@ from typing import Any
 import torch
 
 from .adapters import adapter_for
-from .config import TapeConfig
-from .runtime import CallState, attach, detach, pruner_of
+from .config import LipConfig, TapeConfig
+from .lip import LipPruner, LipState
+from .runtime import attach, detach, pruner_of
 from .stats import PruneStats
+from .tape import TapePruner, TapeState
+
+# config class -> (state class, pruner class)
+METHODS = {TapeConfig: (TapeState, TapePruner), LipConfig: (LipState, LipPruner)}
 
 _STATE_ATTRIBUTE = "_vidprune_state"
 _pruned_pipeline_classes: dict[type, type] = {}
@@ -29,8 +34,8 @@ def _pruned_pipeline_class(cls: type) -> type:
     if cls not in _pruned_pipeline_classes:
 
         def __call__(self, *args, **kwargs):
-            getattr(self, _STATE_ATTRIBUTE).reset(self.scheduler)
-            return cls.__call__(self, *args, **kwargs)
+            with getattr(self, _STATE_ATTRIBUTE).call(self):
+                return cls.__call__(self, *args, **kwargs)
 
         _pruned_pipeline_classes[cls] = type(
             cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "_vidprune_base": cls}
@@ -38,33 +43,47 @@ def _pruned_pipeline_class(cls: type) -> type:
     return _pruned_pipeline_classes[cls]
 
 
-def apply(target: Any, config: TapeConfig) -> Any:
-    """Prune the transformer(s) of a diffusers pipeline, or a bare transformer, per `config`.
-
-    Applying again replaces the earlier patch. Returns `target`. Apply diffusers caches before
-    vidprune so that vidprune's block hooks wrap theirs.
-    """
-    if not isinstance(config, TapeConfig):
-        raise TypeError(f"config must be a vidprune.TapeConfig, got {type(config).__name__}")
+def _check_target(target: Any, config: TapeConfig | LipConfig) -> list[torch.nn.Module]:
+    """The transformers to prune, or an error saying why `target` cannot take `config`."""
+    if type(config) not in METHODS:
+        raise TypeError(f"config must be a vidprune.TapeConfig or vidprune.LipConfig, got {type(config).__name__}")
     if _is_pipeline(target):
         transformers = _transformers(target)
         if not transformers:
             raise ValueError(f"{type(target).__name__} has no transformer to prune")
     elif isinstance(target, torch.nn.Module):
         transformers = [target]
-        if config.needs_step_list:
-            raise ValueError(
-                "full_first_steps/full_last_steps need the call's list of steps, which only a pipeline gives: "
-                "call vidprune.apply(pipeline, config) instead of applying to the transformer"
-            )
     else:
         raise TypeError(f"vidprune.apply takes a diffusers pipeline or transformer, got {type(target).__name__}")
-    adapters = [adapter_for(t) for t in transformers]  # raises before anything is changed
+    adapters = [adapter_for(t) for t in transformers]
+    if isinstance(config, TapeConfig) and config.needs_step_list and not _is_pipeline(target):
+        raise ValueError(
+            "full_first_steps/full_last_steps need the call's list of steps, which only a pipeline gives: "
+            "call vidprune.apply(pipeline, config) instead of applying to the transformer"
+        )
+    if isinstance(config, LipConfig) and config.mask is None:
+        editing = adapters[0].video_to_video_pipelines
+        if not _is_pipeline(target) or type(target).__name__ not in editing:
+            raise ValueError(
+                f"LIP reads the source video of a video-to-video pipeline ({', '.join(editing)}); "
+                f"for a {type(target).__name__} give LipConfig(mask=...)"
+            )
+    return transformers
 
+
+def apply(target: Any, config: TapeConfig | LipConfig) -> Any:
+    """Prune the transformer(s) of a diffusers pipeline, or a bare transformer, per `config`:
+    TapeConfig for generation, LipConfig for video-to-video editing.
+
+    Applying again replaces the earlier patch. Returns `target`. Apply diffusers caches before
+    vidprune so that vidprune's block hooks wrap theirs.
+    """
+    transformers = _check_target(target, config)  # raises before anything is changed
     remove(target)
-    state = CallState(config)
-    for transformer, adapter in zip(transformers, adapters):
-        attach(transformer, adapter, config, state)
+    state_class, pruner_class = METHODS[type(config)]
+    state = state_class(config)
+    for transformer in transformers:
+        attach(pruner_class(transformer, adapter_for(transformer), config, state))
     if _is_pipeline(target):
         setattr(target, _STATE_ATTRIBUTE, state)
         target.__class__ = _pruned_pipeline_class(type(target))

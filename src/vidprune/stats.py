@@ -29,6 +29,7 @@ class ForwardRecord:
     sigma: float
     keep: float
     tokens: int
+    context_tokens: int = 0
     spans: list[SpanRecord] = field(default_factory=list)
     shared_selection: bool = False
     block_flops: float = 0.0

@@ -45,3 +45,19 @@ def scatter_tokens(full: torch.Tensor, index: torch.Tensor, kept: torch.Tensor) 
         index = index.expand(full.shape[0], -1)
     expanded = index.view(*index.shape, *([1] * (full.ndim - 2))).expand(-1, -1, *full.shape[2:])
     return full.scatter(1, expanded, kept.to(full.dtype))
+
+
+def patches(latents: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
+    """(B, C, F, H, W) latents -> (B, F', H', W', C * pt * ph * pw): the values of each token."""
+    b, c, f, h, w = latents.shape
+    pt, ph, pw = patch_size
+    x = latents.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
+    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, f // pt, h // ph, w // pw, -1)
+
+
+def unpatch(tokens: torch.Tensor, patch_size: tuple[int, int, int], channels: int) -> torch.Tensor:
+    """Inverse of `patches`: (B, F', H', W', C * pt * ph * pw) -> (B, C, F, H, W)."""
+    b, f, h, w, _ = tokens.shape
+    pt, ph, pw = patch_size
+    x = tokens.reshape(b, f, h, w, channels, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return x.reshape(b, channels, f * pt, h * ph, w * pw)

@@ -25,9 +25,18 @@ class Adapter:
         """The stack of transformer blocks, in execution order."""
         raise NotImplementedError
 
+    #: pipeline classes whose source video LIP can read (video-to-video editing)
+    video_to_video_pipelines: tuple[str, ...] = ()
+
+    def patch_size(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
+        """Latent (frames, height, width) covered by one token."""
+        raise NotImplementedError
+
     def token_grid(self, transformer: torch.nn.Module, hidden_states: torch.Tensor) -> TokenGrid:
         """Token grid of the model input `hidden_states` (batch, channels, frames, height, width)."""
-        raise NotImplementedError
+        p_t, p_h, p_w = self.patch_size(transformer)
+        _, _, frames, height, width = hidden_states.shape
+        return TokenGrid(frames // p_t, height // p_h, width // p_w)
 
     def gather_block_inputs(self, inputs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
         """The per-token block inputs (hidden states, positional tables, per-token modulation)
@@ -40,6 +49,15 @@ class Adapter:
         """The block's self-attention queries for tokens `query_index` (1-D) and keys for all
         tokens, as the block computes them (modulation, norms, RoPE), shaped
         (batch, heads, tokens, head_dim)."""
+        raise NotImplementedError
+
+    def self_attention(self, block: torch.nn.Module) -> torch.nn.Module:
+        """The block's self-attention module (whose processor Attention Recovery replaces)."""
+        raise NotImplementedError
+
+    def recovery_processor(self, original: Any, pruner: Any, layer: int) -> Any:
+        """An attention processor doing Attention Recovery for LIP while `pruner` prunes, and
+        what `original` does otherwise."""
         raise NotImplementedError
 
     def block_flops(self, transformer: torch.nn.Module, tokens: int, context_tokens: int) -> float:

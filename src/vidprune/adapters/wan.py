@@ -14,40 +14,94 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from ..tokens import TokenGrid, gather_tokens
+from ..recovery import recovered_attention
+from ..tokens import gather_tokens
 from .base import Adapter
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's interleaved RoPE on x (B, N, heads, head_dim) with tables (B or 1, N, 1, head_dim),
-    computed in x's dtype (the model itself rotates in the tables' float64: slower, and more
-    precision than ranking tokens needs)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2].to(x.dtype), sin[..., 1::2].to(x.dtype)
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """Wan's interleaved RoPE on x (B, N, heads, head_dim) with tables (B or 1, N, 1, head_dim).
+
+    exact=True rotates in the tables' precision (float64), as the model does; False in x's
+    dtype, which is faster and enough for ranking tokens."""
+    dtype = torch.promote_types(x.dtype, cos.dtype) if exact else x.dtype
+    x1, x2 = x.to(dtype).unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2].to(dtype), sin[..., 1::2].to(dtype)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
 def _projection(attn: torch.nn.Module, x: torch.Tensor, which: int) -> torch.Tensor:
-    """Query (0) or key (1) projection, also when the QKV weights are fused."""
+    """Query (0), key (1) or value (2) projection, also when the QKV weights are fused."""
     if getattr(attn, "fused_projections", False):
         size = attn.inner_dim
         weight = attn.to_qkv.weight[which * size : (which + 1) * size]
         bias = attn.to_qkv.bias[which * size : (which + 1) * size]
         return F.linear(x, weight, bias)
-    return (attn.to_q, attn.to_k)[which](x)
+    return (attn.to_q, attn.to_k, attn.to_v)[which](x)
+
+
+def _heads(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x.unflatten(2, (attn.heads, -1))
+
+
+class WanRecoveryProcessor:
+    """Wan self-attention with LIP's Attention Recovery: queries of the kept tokens attend to
+    the kept keys plus duplicates of their references' keys at the pruned positions. Does what
+    the original processor does whenever LIP is not pruning, and records the kept tokens' keys
+    and values during LIP's clean pass."""
+
+    def __init__(self, original: Any, pruner: Any, layer: int) -> None:
+        self.original, self.pruner, self.layer = original, pruner, layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        state = self.pruner.state
+        current = state.current
+        recording = state.recording is not None
+        if not recording and (current is None or not current.active):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        query = _heads(attn, attn.norm_q(_projection(attn, hidden_states, 0)))
+        key = _heads(attn, attn.norm_k(_projection(attn, hidden_states, 1)))
+        value = _heads(attn, _projection(attn, hidden_states, 2))
+        if recording:  # clean pass over all tokens: keep the kept tokens' keys and values
+            kept = state.plan.index[0]
+            state.recording.append((key[:, kept], value[:, kept]))
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        keys = state.plan.keys
+        if "key_rope" not in current.scratch:  # tables at the key positions, once per forward
+            cos, sin = current.scratch["span_inputs"]["rotary_emb"]
+            positions = keys.positions.unsqueeze(0)
+            current.scratch["key_rope"] = (gather_tokens(cos, positions), gather_tokens(sin, positions))
+        key_cos, key_sin = current.scratch["key_rope"]
+        clean_key, clean_value = self.pruner.clean_keys_values(self.layer)
+        backend = getattr(self.original, "_attention_backend", None)
+        output = recovered_attention(
+            query, key, value, keys,
+            rotate_query=lambda q: apply_rope(q, *rotary_emb, exact=True),
+            rotate_key=lambda k: apply_rope(k, key_cos, key_sin, exact=True),
+            attend=lambda q, k, v: dispatch_attention_fn(q, k, v, dropout_p=0.0, is_causal=False, backend=backend),
+            duplicate_key=clean_key, duplicate_value=clean_value,
+        )
+        output = output.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](output))
 
 
 class WanAdapter(Adapter):
     model_classes = (WanTransformer3DModel,)
+    video_to_video_pipelines = ("WanVideoToVideoPipeline",)
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return transformer.blocks
 
-    def token_grid(self, transformer: torch.nn.Module, hidden_states: torch.Tensor) -> TokenGrid:
-        p_t, p_h, p_w = transformer.config.patch_size
-        _, _, frames, height, width = hidden_states.shape
-        return TokenGrid(frames // p_t, height // p_h, width // p_w)
+    def patch_size(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
+        return tuple(transformer.config.patch_size)
+
+    def self_attention(self, block: torch.nn.Module) -> torch.nn.Module:
+        return block.attn1
+
+    def recovery_processor(self, original: Any, pruner: Any, layer: int) -> Any:
+        return WanRecoveryProcessor(original, pruner, layer)
 
     def gather_block_inputs(self, inputs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
         cos, sin = inputs["rotary_emb"]

@@ -1,0 +1,183 @@
+"""LIP in the runtime: one span over the whole block stack that computes only the tokens the
+source video's keep mask keeps, Attention Recovery in the self-attention, and restoration of
+the pruned tokens' outputs from their references.
+
+The mask comes from the clean source latents of a WanVideoToVideoPipeline call: while the
+call runs, the pipeline's VAE encoder is watched and its output (the mode of the latent
+distribution, as the pipeline uses it) normalised as the pipeline does. Or from
+LipConfig(mask=...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from .config import LipConfig
+from .interframe import keep_mask, reference_index
+from .recovery import RecoveryKeys, recovery_keys, restore_from_references
+from .runtime import CallState, ForwardState, Span, TokenPruner
+from .tokens import TokenGrid
+
+
+@dataclass(frozen=True)
+class LipPlan:
+    """What a keep mask means for the runtime, computed once per call."""
+
+    keep: torch.Tensor  # (tokens,) bool, union over the batch's videos
+    index: torch.Tensor  # (1, kept) sorted kept token indices
+    reference: torch.Tensor  # (tokens,) each token's reference (kept tokens: themselves)
+    keys: RecoveryKeys | None  # key positions of recovered attention (None: no recovery)
+
+
+class LipState(CallState):
+    def reset(self, pipeline: Any = None) -> None:
+        super().reset(pipeline)
+        self.encoded: list[torch.Tensor] = []  # VAE encodings seen during the call
+        self.plan: LipPlan | None = None
+        self.clean: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per text: per layer (k, v)
+        self.recording: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @contextlib.contextmanager
+    def call(self, pipeline: Any) -> Iterator[None]:
+        """Reset, and watch the pipeline's VAE encoder for the source video during the call."""
+        with super().call(pipeline):
+            vae = getattr(pipeline, "vae", None)
+            if vae is None:
+                yield
+                return
+            encode = vae.encode
+
+            def watched_encode(*args, **kwargs):
+                output = encode(*args, **kwargs)
+                self.encoded.append(output.latent_dist.mode())
+                return output
+
+            vae.encode = watched_encode
+            try:
+                yield
+            finally:
+                del vae.encode  # the class's method shows through again
+
+    def source_latents(self) -> torch.Tensor | None:
+        """The call's clean source latents, normalised as the Wan pipelines normalise them."""
+        if not self.encoded:
+            return None
+        vae = self.pipeline.vae
+        latents = torch.cat(self.encoded)
+        mean = torch.tensor(vae.config.latents_mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1, 1)
+        return (latents - mean) / std
+
+
+class LipPruner(TokenPruner):
+    def __init__(self, transformer: torch.nn.Module, adapter, config: LipConfig, state: LipState) -> None:
+        num_layers = len(adapter.blocks(transformer))
+        super().__init__(transformer, adapter, config, state, [Span(0, num_layers - 1)])
+        self._originals: list[tuple[torch.nn.Module, Any]] = []
+
+    # -- processors -------------------------------------------------------------------
+    def on_attach(self) -> None:
+        if not self.config.recovery:
+            return
+        for layer, block in enumerate(self.adapter.blocks(self.transformer)):
+            attention = self.adapter.self_attention(block)
+            self._originals.append((attention, attention.processor))
+            attention.processor = self.adapter.recovery_processor(attention.processor, self, layer)
+
+    def on_detach(self) -> None:
+        for attention, processor in self._originals:
+            attention.processor = processor
+        self._originals = []
+
+    # -- per forward --------------------------------------------------------------------
+    def wants_forward(self) -> bool:
+        return self.state.recording is None
+
+    def plan_forward(self, current: ForwardState) -> None:
+        plan = self._plan(current.grid, current.inputs["hidden_states"].device)
+        kept = plan.index.shape[1]
+        current.active = kept < current.grid.size
+        current.record.keep = kept / current.grid.size
+        if current.active and self.config.recovery and self.config.kv_source == "clean":
+            self._clean_pass(current)
+
+    def select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor:
+        self.state.current.scratch["span_inputs"] = inputs
+        return self.state.plan.index
+
+    def finish_forward(self, current: ForwardState, output: Any) -> Any:
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        restored = restore_from_references(
+            sample, current.inputs["hidden_states"], self.state.plan.reference,
+            self.adapter.patch_size(self.transformer), current.sigma, self.config.restore,
+        )
+        if isinstance(output, tuple):
+            return (restored, *output[1:])
+        output.sample = restored
+        return output
+
+    def clean_keys_values(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """The kept tokens' keys and values of `layer` from the clean pass (None, None if the
+        duplicates come from the current step)."""
+        if self.config.kv_source != "clean":
+            return None, None
+        return self.state.clean[self._text_key(self.state.current)][layer]
+
+    # -- helpers ------------------------------------------------------------------------
+    def _plan(self, grid: TokenGrid, device: torch.device) -> LipPlan:
+        state = self.state
+        if state.plan is not None and state.plan.keep.shape[0] == grid.size:
+            return state.plan
+        mask = self._mask(grid).to(device)
+        keep = mask.any(dim=0).flatten()  # a token is computed if any video of the batch needs it
+        reference = reference_index(keep.view(1, grid.frames, grid.height, grid.width))[0]
+        keys = recovery_keys(keep, reference, grid, self.config.duplicates) if self.config.recovery else None
+        state.plan = LipPlan(keep, keep.nonzero().view(1, -1), reference, keys)
+        return state.plan
+
+    def _mask(self, grid: TokenGrid) -> torch.Tensor:
+        expected = (grid.frames, grid.height, grid.width)
+        if self.config.mask is not None:
+            mask = self.config.mask if self.config.mask.ndim == 4 else self.config.mask.unsqueeze(0)
+            if tuple(mask.shape[1:]) != expected:
+                raise ValueError(
+                    f"mask of shape {tuple(self.config.mask.shape)} does not fit this video: LipConfig.mask must be "
+                    f"(frames, height, width) = {expected} or (batch, {', '.join(map(str, expected))}) over the token grid"
+                )
+            if not mask[:, 0].all():
+                raise ValueError("LipConfig.mask must keep every token of frame 0 (pruned tokens copy earlier frames)")
+            return mask
+        source = self.state.source_latents()
+        if source is None:
+            raise ValueError(
+                "LIP needs the source video: run it through a video-to-video pipeline (WanVideoToVideoPipeline) "
+                "with video=..., or give LipConfig(mask=...)"
+            )
+        return keep_mask(source, self.adapter.patch_size(self.transformer), self.config.detection)
+
+    def _text_key(self, current: ForwardState) -> int:
+        return current.inputs["encoder_hidden_states"].data_ptr()
+
+    def _clean_pass(self, current: ForwardState) -> None:
+        """Run the clean source latents at t = 0 once per call and text, recording every
+        layer's keys and values of the kept tokens (the processors do the recording)."""
+        state, key = self.state, self._text_key(current)
+        if key in state.clean:
+            return
+        source = state.source_latents()
+        if source is None:
+            raise ValueError("kv_source='clean' needs the source video: call a video-to-video pipeline with video=...")
+        inputs = dict(current.inputs)
+        batch = inputs["hidden_states"].shape[0]
+        inputs["hidden_states"] = source.to(inputs["hidden_states"].dtype).expand(batch, -1, -1, -1, -1)
+        inputs[self.adapter.timestep_argument] = torch.zeros_like(inputs[self.adapter.timestep_argument])
+        state.recording = []
+        try:
+            self.transformer(**inputs)
+            state.clean[key] = state.recording
+        finally:
+            state.recording = None

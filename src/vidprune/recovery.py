@@ -1,0 +1,104 @@
+"""What stands in for the tokens LIP prunes: duplicated keys and values in attention
+(Attention Recovery), and copied outputs at the model output (restoration).
+
+Attention Recovery: kept queries should see about as many keys as the unpruned model gives
+them, else every softmax shifts (a static region seen in 7 frames would count once).
+
+A pruned token is assumed to equal its reference (the last computed occurrence at its
+position). Its key and value are the reference's pre-RoPE key and value, rotated with RoPE at
+the pruned token's own (t, h, w) position: duplicates of one reference then differ by their
+positions, as the unpruned tokens would. `duplicates` limits how many of a reference's copies
+take part (the nearest in time): 0 is plain pruning, None all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .tokens import TokenGrid, patches, unpatch
+
+Rotate = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RecoveryKeys:
+    """The key positions of recovered attention.
+
+    positions: (keys,) sorted token positions that get a key and value;
+    slots: (keys,) slot, in the kept sequence, of each position's source token;
+    duplicate: (keys,) True where the position is a pruned token (a duplicate)."""
+
+    positions: torch.Tensor
+    slots: torch.Tensor
+    duplicate: torch.Tensor
+
+
+def recovery_keys(keep: torch.Tensor, reference: torch.Tensor, grid: TokenGrid, duplicates: int | None) -> RecoveryKeys:
+    """keep: (tokens,) bool; reference: (tokens,) index of each token's reference (kept tokens
+    are their own). A pruned token takes part if it is at most `duplicates` frames after its
+    reference (all of them for None)."""
+    if duplicates is None:
+        included = torch.ones_like(keep)
+    else:
+        frame = torch.arange(grid.size, device=keep.device) // grid.per_frame
+        included = keep | (frame - frame[reference] <= duplicates)
+    positions = included.nonzero().squeeze(1)
+    slot_of_token = keep.long().cumsum(0) - 1  # each kept token's slot in the kept sequence
+    return RecoveryKeys(positions, slot_of_token[reference[positions]], ~keep[positions])
+
+
+def recovered_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    keys: RecoveryKeys,
+    rotate_query: Rotate,
+    rotate_key: Rotate,
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    duplicate_key: torch.Tensor | None = None,
+    duplicate_value: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Self-attention of the kept tokens over kept and duplicated keys.
+
+    query, key, value: (batch, kept, heads, dim), keys before RoPE. rotate_query / rotate_key
+    apply RoPE at the kept / key positions; attend(q, k, v) is the attention kernel on
+    (batch, tokens, heads, dim). duplicate_key / duplicate_value, if given, are the kept tokens'
+    keys and values from another pass (e.g. a clean one) to duplicate instead of the current."""
+    all_keys, all_values = key[:, keys.slots], value[:, keys.slots]
+    if duplicate_key is not None:
+        pick = keys.duplicate.view(1, -1, 1, 1)
+        all_keys = torch.where(pick, duplicate_key[:, keys.slots], all_keys)
+        all_values = torch.where(pick, duplicate_value[:, keys.slots], all_values)
+    return attend(rotate_query(query), rotate_key(all_keys), all_values)
+
+
+def restore_from_references(
+    prediction: torch.Tensor,
+    noisy: torch.Tensor,
+    reference: torch.Tensor,
+    patch_size: tuple[int, int, int],
+    sigma: float,
+    mode: str,
+) -> torch.Tensor:
+    """Model output with every pruned token's prediction made from its reference token.
+
+    prediction, noisy: (B, C, F, H, W) flow-matching velocity (noise - x0) and the noisy input
+    x_t = (1 - sigma) x0 + sigma noise; reference: (tokens,) reference of every token.
+    mode "prediction" copies the reference's velocity. Mode "x0" copies the reference's clean
+    estimate x0 = x_t - sigma v and returns the velocity that leads from the token's *own* x_t to
+    it, so the token keeps its own noise sample instead of inheriting the reference's."""
+    channels = prediction.shape[1]
+    shape = patches(prediction, patch_size).shape
+    velocity = patches(prediction, patch_size).flatten(1, 3)
+    if mode == "prediction" or sigma == 0:  # at sigma 0 the velocity does not move x_t
+        copied = velocity[:, reference]
+    else:
+        x_t = patches(noisy.to(prediction.dtype), patch_size).flatten(1, 3)
+        clean = x_t - sigma * velocity
+        copied = (x_t - clean[:, reference]) / sigma
+    pruned = (reference != torch.arange(reference.shape[0], device=reference.device)).view(1, -1, 1)
+    restored = torch.where(pruned, copied, velocity)  # kept tokens stay bit for bit as computed
+    return unpatch(restored.view(shape), patch_size, channels)

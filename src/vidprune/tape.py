@@ -1,0 +1,86 @@
+"""TAPE in the runtime: per-step budget, attention-received scoring, smoothing and top-k at
+every span start, and sharing of a step's selection between its two CFG calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .config import TapeConfig
+from .importance import attention_received, random_importance, sample_queries
+from .runtime import CallState, ForwardState, Span, TokenPruner, spans_from_starts
+from .schedule import keep_at, plan_keeps
+from .selection import kept_per_frame, select_global, select_per_frame, smooth_over_time
+from .tokens import TokenGrid
+
+
+class TapeState(CallState):
+    """Per-call TAPE state: the step plan, the last selections (for the CFG partner call) and
+    the query sample."""
+
+    def reset(self, pipeline: Any = None) -> None:
+        super().reset(pipeline)
+        self.step_sigmas: list[float] | None = None
+        self.plan: list[float] | None = None
+        # (sigma, batch, {span start: index}) of the last forward, for its CFG partner call.
+        self.last_selections: tuple[float, int, dict[int, torch.Tensor]] | None = None
+        self._queries: dict[tuple[TokenGrid, torch.device], torch.Tensor] = {}
+
+    def step_and_keep(self, sigma: float) -> tuple[int | None, float]:
+        """Step index within the call (None when the call's steps are unknown) and keep ratio."""
+        if self.scheduler is None:
+            return None, keep_at(self.config, sigma)
+        if self.plan is None:
+            # The first forward of the call: its steps are the scheduler's from this one on
+            # (video-to-video starts part way down the schedule).
+            all_sigmas = [t / self.num_train_timesteps for t in self.scheduler.timesteps.tolist()]
+            first = min(range(len(all_sigmas)), key=lambda i: abs(all_sigmas[i] - sigma))
+            self.step_sigmas = all_sigmas[first:]
+            self.plan = plan_keeps(self.config, self.step_sigmas)
+        step = min(range(len(self.step_sigmas)), key=lambda i: abs(self.step_sigmas[i] - sigma))
+        return step, self.plan[step]
+
+    def queries(self, grid: TokenGrid, device: torch.device) -> torch.Tensor:
+        key = (grid, device)
+        if key not in self._queries:
+            self._queries[key] = sample_queries(grid, self.config.query_samples, self.config.seed, device)
+        return self._queries[key]
+
+
+class TapePruner(TokenPruner):
+    def __init__(self, transformer: torch.nn.Module, adapter, config: TapeConfig, state: TapeState) -> None:
+        num_layers = len(adapter.blocks(transformer))
+        super().__init__(transformer, adapter, config, state, spans_from_starts(config.span_starts(num_layers), num_layers))
+        self.reused: dict[int, torch.Tensor] | None = None
+        self.selections: dict[int, torch.Tensor] = {}
+
+    def plan_forward(self, current: ForwardState) -> None:
+        state, grid = self.state, current.grid
+        step, keep = state.step_and_keep(current.sigma)
+        batch = current.inputs["hidden_states"].shape[0]
+        current.active = keep < 1.0 and kept_per_frame(grid, keep) < grid.per_frame
+        current.record.step, current.record.keep = step, keep if current.active else 1.0
+        last, self.reused, self.selections = state.last_selections, None, {}
+        if self.config.share_cfg_selection and last is not None and last[:2] == (current.sigma, batch):
+            self.reused, state.last_selections = last[2], None
+        else:
+            state.last_selections = (current.sigma, batch, self.selections) if current.active else None
+        current.record.shared_selection = self.reused is not None and current.active
+
+    def select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor:
+        if self.reused is not None:
+            return self.reused[span.start]
+        current, config = self.state.current, self.config
+        hidden_states, grid = inputs["hidden_states"], current.grid
+        if config.importance == "random":
+            seed = hash((config.seed, round(current.sigma, 6), span.start)) % (2**31)
+            scores = random_importance(hidden_states.shape[0], grid, seed, hidden_states.device)
+        else:
+            query, key = self.adapter.query_key(block, inputs, self.state.queries(grid, hidden_states.device))
+            scores = attention_received(query, key)
+        scores = smooth_over_time(scores, grid, config.temporal_sigma, config.temporal_radius)
+        select = select_per_frame if config.per_frame else select_global
+        index = select(scores, grid, current.record.keep)
+        self.selections[span.start] = index
+        return index
