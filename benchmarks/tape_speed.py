@@ -66,19 +66,21 @@ class ForwardTimer:
     """CUDA-event times of every transformer forward (torch hooks wrap the diffusers hooks)."""
 
     def __init__(self, module: torch.nn.Module) -> None:
-        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.events: list[list[torch.cuda.Event]] = []
+        self.open: list[int] = []  # forwards begun and not ended (a forward may run another inside)
         module.register_forward_pre_hook(self._start)
         module.register_forward_hook(self._end)
 
     def _start(self, module, args):
         event = torch.cuda.Event(enable_timing=True)
         event.record()
-        self.events.append((event, None))
+        self.open.append(len(self.events))
+        self.events.append([event])
 
     def _end(self, module, args, output):
         event = torch.cuda.Event(enable_timing=True)
         event.record()
-        self.events[-1] = (self.events[-1][0], event)
+        self.events[self.open.pop()].append(event)
 
     def take(self) -> list[float]:
         torch.cuda.synchronize()

@@ -196,3 +196,15 @@ def test_lip_needs_a_source_video(clean):
     vidprune.apply(model, vidprune.LipConfig(mask=example_mask(), kv_source="clean"))
     with pytest.raises(ValueError, match="kv_source='clean' needs the source video"):
         model(**static_video_inputs())
+
+
+def test_given_source_latents_on_a_bare_transformer_with_clean_keys():
+    model = tiny_transformer()
+    inputs = static_video_inputs()
+    reference = model(**inputs)[0]
+    vidprune.apply(model, vidprune.LipConfig(source_latents=inputs["hidden_states"], kv_source="clean"))
+    out = model(**inputs)[0]
+    record = vidprune.stats(model).forwards[-1]
+    vidprune.remove(model)
+    assert record.keep == pytest.approx(1 / 4)  # a still video: only frame 0 is computed
+    assert torch.isfinite(out).all() and not torch.equal(out, reference)

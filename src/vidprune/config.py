@@ -153,9 +153,11 @@ class LipConfig:
     restore: how a pruned token's output is made: "x0" copies the reference's clean-sample
         estimate and turns it into a velocity for the token's own noisy input (keeps the
         token's own noise); "prediction" copies the reference's output as it is.
+    source_latents: the clean source latents (batch, channels, frames, height, width), in the
+        space the transformer works in, for calls that do not encode the source video
+        themselves (a pipeline given latents=..., or a bare transformer).
     mask: an explicit keep mask over the token grid, (frames, height, width) or
-        (batch, frames, height, width) bool, instead of detection (needed on a bare
-        transformer, which never sees the source video).
+        (batch, frames, height, width) bool, instead of detection.
     """
 
     detection: LipDetection = LipDetection()
@@ -163,6 +165,7 @@ class LipConfig:
     duplicates: int | None = None
     kv_source: str = "current"
     restore: str = "x0"
+    source_latents: torch.Tensor | None = None
     mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -174,6 +177,12 @@ class LipConfig:
             check_int("duplicates", self.duplicates, 0)
         check_choice("kv_source", self.kv_source, KV_SOURCES)
         check_choice("restore", self.restore, RESTORE_MODES)
+        if self.source_latents is not None and (
+            not isinstance(self.source_latents, torch.Tensor) or self.source_latents.ndim != 5
+        ):
+            shape = getattr(self.source_latents, "shape", type(self.source_latents).__name__)
+            fail("source_latents", tuple(shape) if isinstance(shape, torch.Size) else shape,
+                 "None or a (batch, channels, frames, height, width) tensor")
         if self.mask is not None and (
             not isinstance(self.mask, torch.Tensor) or self.mask.dtype != torch.bool or self.mask.ndim not in (3, 4)
         ):

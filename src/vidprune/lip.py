@@ -63,7 +63,10 @@ class LipState(CallState):
                 del vae.encode  # the class's method shows through again
 
     def source_latents(self) -> torch.Tensor | None:
-        """The call's clean source latents, normalised as the Wan pipelines normalise them."""
+        """The call's clean source latents: given in the config, or the call's VAE encodings
+        normalised as the Wan pipelines normalise them."""
+        if self.config.source_latents is not None:
+            return self.config.source_latents
         if not self.encoded:
             return None
         vae = self.pipeline.vae
@@ -108,6 +111,10 @@ class LipPruner(TokenPruner):
     def select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor:
         self.state.current.scratch["span_inputs"] = inputs
         return self.state.plan.index
+
+    def attention_keys(self) -> int | None:
+        keys = self.state.plan.keys
+        return None if keys is None else keys.positions.shape[0]
 
     def finish_forward(self, current: ForwardState, output: Any) -> Any:
         sample = output[0] if isinstance(output, tuple) else output.sample
@@ -155,7 +162,7 @@ class LipPruner(TokenPruner):
         if source is None:
             raise ValueError(
                 "LIP needs the source video: run it through a video-to-video pipeline (WanVideoToVideoPipeline) "
-                "with video=..., or give LipConfig(mask=...)"
+                "with video=..., or give LipConfig(source_latents=...) or LipConfig(mask=...)"
             )
         return keep_mask(source, self.adapter.patch_size(self.transformer), self.config.detection)
 
@@ -170,10 +177,13 @@ class LipPruner(TokenPruner):
             return
         source = state.source_latents()
         if source is None:
-            raise ValueError("kv_source='clean' needs the source video: call a video-to-video pipeline with video=...")
+            raise ValueError(
+                "kv_source='clean' needs the source video: call a video-to-video pipeline with video=..., "
+                "or give LipConfig(source_latents=...)"
+            )
         inputs = dict(current.inputs)
         batch = inputs["hidden_states"].shape[0]
-        inputs["hidden_states"] = source.to(inputs["hidden_states"].dtype).expand(batch, -1, -1, -1, -1)
+        inputs["hidden_states"] = source.to(inputs["hidden_states"]).expand(batch, -1, -1, -1, -1)
         inputs[self.adapter.timestep_argument] = torch.zeros_like(inputs[self.adapter.timestep_argument])
         state.recording = []
         try:

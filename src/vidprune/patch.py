@@ -61,12 +61,12 @@ def _check_target(target: Any, config: TapeConfig | LipConfig) -> list[torch.nn.
             "full_first_steps/full_last_steps need the call's list of steps, which only a pipeline gives: "
             "call vidprune.apply(pipeline, config) instead of applying to the transformer"
         )
-    if isinstance(config, LipConfig) and config.mask is None:
+    if isinstance(config, LipConfig) and config.mask is None and config.source_latents is None:
         editing = adapters[0].video_to_video_pipelines
         if not _is_pipeline(target) or type(target).__name__ not in editing:
             raise ValueError(
                 f"LIP reads the source video of a video-to-video pipeline ({', '.join(editing)}); "
-                f"for a {type(target).__name__} give LipConfig(mask=...)"
+                f"for a {type(target).__name__} give LipConfig(source_latents=...) or LipConfig(mask=...)"
             )
     return transformers
 

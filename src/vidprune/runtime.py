@@ -116,6 +116,10 @@ class TokenPruner:
     def finish_forward(self, current: ForwardState, output: Any) -> Any:
         return output
 
+    def attention_keys(self) -> int | None:
+        """Self-attention keys inside spans when they differ from the kept tokens."""
+        return None
+
     def wants_forward(self) -> bool:
         """False while the method runs a forward of its own that must not be pruned."""
         return True
@@ -144,9 +148,12 @@ class TokenPruner:
         if current is None or not self.wants_forward():
             return output
         record = current.record
-        tokens_at = {layer: span.tokens for span in record.spans for layer in range(span.start, span.end + 1)}
+        span_at = {layer: span for span in record.spans for layer in range(span.start, span.end + 1)}
         flops = functools.partial(self.adapter.block_flops, self.transformer, context_tokens=record.context_tokens)
-        record.block_flops = sum(flops(tokens_at.get(layer, record.tokens)) for layer in range(self.num_layers))
+        record.block_flops = sum(
+            flops(span_at[layer].tokens, keys=span_at[layer].keys) if layer in span_at else flops(record.tokens)
+            for layer in range(self.num_layers)
+        )
         record.block_flops_unpruned = self.num_layers * flops(record.tokens)
         self.state.stats.forwards.append(record)
         output = self.finish_forward(current, output) if current.active else output
@@ -171,7 +178,9 @@ class TokenPruner:
             current.span_input, current.index = hidden_states, index
             current.token_inputs = {k: v for k, v in gathered.items() if k != "hidden_states"}
             recorded = index if getattr(self.config, "record_selections", False) else None
-            current.record.spans.append(SpanRecord(span.start, span.end, index.shape[1], current.grid, recorded))
+            current.record.spans.append(
+                SpanRecord(span.start, span.end, index.shape[1], current.grid, recorded, self.attention_keys())
+            )
             inputs = {**inputs, **gathered}
         else:
             inputs = {**inputs, **current.token_inputs}

@@ -19,6 +19,7 @@ class SpanRecord:
     tokens: int
     grid: TokenGrid
     index: torch.Tensor | None = None  # kept token indices, with TapeConfig(record_selections=True)
+    keys: int | None = None  # self-attention keys when they differ from tokens (LIP's recovery)
 
 
 @dataclass

@@ -60,7 +60,7 @@ class Adapter:
         what `original` does otherwise."""
         raise NotImplementedError
 
-    def block_flops(self, transformer: torch.nn.Module, tokens: int, context_tokens: int) -> float:
-        """Approximate multiply-add FLOPs of one block on `tokens` video tokens, attention counted
-        as quadratic."""
+    def block_flops(self, transformer: torch.nn.Module, tokens: int, context_tokens: int, keys: int | None = None) -> float:
+        """Approximate FLOPs of one block on `tokens` video tokens whose self-attention has
+        `keys` keys (default: as many as tokens; attention is counted as tokens x keys)."""
         raise NotImplementedError

@@ -138,12 +138,12 @@ class WanAdapter(Adapter):
         query = apply_rope(query, gather_tokens(cos, query_rows), gather_tokens(sin, query_rows))
         return query.transpose(1, 2), key.transpose(1, 2)
 
-    def block_flops(self, transformer: torch.nn.Module, tokens: int, context_tokens: int) -> float:
+    def block_flops(self, transformer: torch.nn.Module, tokens: int, context_tokens: int, keys: int | None = None) -> float:
         config = transformer.config
         dim = config.num_attention_heads * config.attention_head_dim
         projections = 2 * tokens * dim * dim * 6  # self q, k, v, out; cross q, out
         context_projections = 2 * context_tokens * dim * dim * 2  # cross k, v: not pruned
-        self_attention = 2 * 2 * tokens * tokens * dim
+        self_attention = 2 * 2 * tokens * (tokens if keys is None else keys) * dim
         cross_attention = 2 * 2 * tokens * context_tokens * dim
         feed_forward = 2 * 2 * tokens * dim * config.ffn_dim
         return float(projections + context_projections + self_attention + cross_attention + feed_forward)

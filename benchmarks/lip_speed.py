@@ -1,0 +1,175 @@
+"""LIP speed in WanVideoToVideoPipeline on a full-size Wan2.1-1.3B-shaped transformer (random
+weights, bf16) on one GPU, with the keep mask detected on real Wan2.1 latents.
+
+The real latents (../shared/data/wan21_latents/test_latents_wan.pth, 16 x 40 x 64, a
+low-motion clip) are the source video: the pipeline gets them noised to the first step of the
+edit (latents=...) and LIP gets them as LipConfig(source_latents=...). Random weights give the
+real speed of the architecture (latency does not depend on the weights); they say nothing of
+quality. Methods run side by side in one process; per-forward times are CUDA-event medians
+from the second of two identical calls.
+
+    python benchmarks/lip_speed.py --latents ../shared/data/wan21_latents/test_latents_wan.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from diffusers import UniPCMultistepScheduler, WanVideoToVideoPipeline
+
+import vidprune
+from vidprune.interframe import keep_mask, prune_report
+
+from tape_speed import ForwardTimer, build_transformer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--latents", type=Path, default=Path("../shared/data/wan21_latents/test_latents_wan.pth"))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--strength", type=float, default=0.8)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--profile", action="store_true", help="also compare GPU kernel time with wall time per forward")
+    args = parser.parse_args()
+    device = "cuda"
+    torch.manual_seed(0)
+
+    source = torch.load(args.latents, map_location="cpu").to(device=device, dtype=torch.float32)  # (1, 16, F, H, W)
+    transformer = build_transformer("1.3b", device)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanVideoToVideoPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler,
+                                   transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    prompt_embeds = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
+    negative_embeds = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
+    mask = keep_mask(source, (1, 2, 2))
+    report = prune_report(mask)
+    info = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "latents": list(source.shape),
+        "tokens": int(mask[0].numel()),
+        "prune_ratio": float(report.overall[0]),
+        "prune_ratio_per_frame": [round(float(r), 3) for r in report.per_frame[0]],
+        "weights": "random (latency does not depend on weights)",
+    }
+    print(info, flush=True)
+
+    def call(steps: int) -> torch.Tensor:
+        scheduler.set_timesteps(steps, device=device)
+        first = scheduler.timesteps[steps - int(steps * args.strength)]
+        noise = torch.randn(source.shape, generator=torch.Generator(device).manual_seed(0), device=device)
+        sigma = first / 1000
+        noisy = ((1 - sigma) * source + sigma * noise).to(torch.bfloat16)
+        return pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, latents=noisy,
+                    strength=args.strength, num_inference_steps=steps, guidance_scale=5.0,
+                    height=source.shape[3] * 8, width=source.shape[4] * 8, output_type="latent").frames
+
+    methods = {
+        "unpruned": None,
+        "lip-noar": vidprune.LipConfig(recovery=False, source_latents=source),
+        "lip": vidprune.LipConfig(source_latents=source),
+        "lip-dup2": vidprune.LipConfig(duplicates=2, source_latents=source),
+        "lip-clean-kv": vidprune.LipConfig(kv_source="clean", source_latents=source),
+    }
+    timer = ForwardTimer(transformer)
+    results = {}
+    with torch.no_grad():
+        for name, config in methods.items():
+            vidprune.remove(pipe)
+            if config is not None:
+                vidprune.apply(pipe, config)
+            call(2)
+            timer.take()
+            torch.cuda.reset_peak_memory_stats()
+            call_s = []
+            for _ in range(2):
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                latents = call(args.steps)
+                torch.cuda.synchronize()
+                call_s.append(time.perf_counter() - started)
+                forwards = timer.take()
+            entry = {
+                "forward_ms_median": statistics.median(forwards),
+                "forwards": len(forwards),
+                "call_s": call_s[1],
+                "first_call_s": call_s[0],
+                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "finite_output": bool(torch.isfinite(latents).all()),
+            }
+            if config is not None:
+                entry["kept_fraction"] = vidprune.stats(pipe).mean_keep
+                entry["block_flops_saved"] = vidprune.stats(pipe).flops_saved
+            results[name] = entry
+            print(name, entry, flush=True)
+    if args.profile:
+        for name in ("unpruned", "lip-noar", "lip"):
+            results[name]["gpu_kernel_ms_per_forward"] = kernel_time_per_forward(pipe, methods[name], call, timer)
+            print(name, "GPU kernel ms per forward", results[name]["gpu_kernel_ms_per_forward"], flush=True)
+    vidprune.remove(pipe)
+    base = results["unpruned"]
+    for entry in results.values():
+        entry["speedup_forward"] = base["forward_ms_median"] / entry["forward_ms_median"]
+        entry["speedup_call"] = base["call_s"] / entry["call_s"]
+    noar = results["lip-noar"]["forward_ms_median"]
+    for name in ("lip", "lip-dup2", "lip-clean-kv"):
+        results[name]["recovery_cost_over_noar"] = results[name]["forward_ms_median"] / noar - 1
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "lip_speed_1.3b.json").write_text(json.dumps({"info": info, "methods": results}, indent=2))
+    text = markdown(info, results, args)
+    (args.out / "lip_speed_1.3b.md").write_text(text)
+    print(text)
+
+
+def kernel_time_per_forward(pipe, config, call, timer: ForwardTimer) -> float:
+    """Sum of GPU kernel times per transformer forward (a forward whose wall time is well above
+    this is bound by the CPU launching kernels, not by the GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    vidprune.remove(pipe)
+    if config is not None:
+        vidprune.apply(pipe, config)
+    with torch.no_grad():
+        call(5)
+        timer.take()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            call(5)
+    forwards = len(timer.take())
+    total_us = sum(event.self_device_time_total for event in prof.key_averages())
+    return total_us / 1000 / forwards
+
+
+def markdown(info: dict, results: dict, args: argparse.Namespace) -> str:
+    lines = [
+        f"# LIP speed, WanVideoToVideoPipeline, Wan2.1-1.3B-shaped transformer, {info['device']}",
+        "",
+        f"Random weights (latency does not depend on weights), bf16, torch {info['torch']}. Source: real Wan2.1 "
+        f"latents {info['latents']} ({info['tokens']} tokens) of a low-motion clip (taehv example files); default "
+        f"detection (tau 0.149, tau2 0.3, all clean-up stages) prunes {info['prune_ratio']:.1%} of the tokens. "
+        f"{args.steps} steps at strength {args.strength} with CFG (two forwards a step). Made by "
+        "`python benchmarks/lip_speed.py`.",
+        "",
+        "| method | kept | forward ms (median) | GPU kernel ms per forward | speedup | call s | call speedup | recovery cost over lip-noar | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in results.items():
+        cost = e.get("recovery_cost_over_noar")
+        lines.append(
+            f"| {name} | {e.get('kept_fraction', 1.0):.3f} | {e['forward_ms_median']:.1f} | "
+            f"{e.get('gpu_kernel_ms_per_forward', float('nan')):.1f} | {e['speedup_forward']:.2f}x | "
+            f"{e['call_s']:.2f} | {e['speedup_call']:.2f}x | {'' if cost is None else f'{cost:+.1%}'} | "
+            f"{e['peak_memory_gib']:.1f} |"
+        )
+    lines += ["", "Prune ratio per latent frame: " + ", ".join(f"{r:.2f}" for r in info["prune_ratio_per_frame"])]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
