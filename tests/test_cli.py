@@ -44,3 +44,49 @@ def test_unknown_method_is_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "x", "--method", "fast"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def small_video(path, frames: int = 9) -> None:
+    import numpy as np
+
+    from vidprune.video_io import write_video
+
+    video = np.full((frames, 64, 96, 3), 80, np.uint8)
+    for f in range(frames):
+        video[f, 16:40, 4 + 6 * f : 28 + 6 * f] = (240, 40, 40)
+    write_video(video, path)
+
+
+def test_edit_a_video_file_with_comparison(tmp_path, capsys):
+    source, output = tmp_path / "source.mp4", tmp_path / "edited.mp4"
+    small_video(source)
+    main(["edit", str(source), "--prompt", "a blue square", "--steps", "2", "--compare", "-o", str(output)])
+    printed = capsys.readouterr().out
+    assert "pruned per latent frame: 0.00" in printed and "PSNR against it" in printed
+    frames = imageio.mimread(output)
+    assert len(frames) == 9 and frames[0].shape == (64, 96, 3)
+
+
+def test_edit_a_folder_of_frames(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for f in range(6):  # 6 frames: the first 5 are used (4k+1)
+        Image.fromarray(np.full((32, 48, 3), 30 * f, np.uint8)).save(folder / f"{f:03d}.png")
+    main(["edit", str(folder), "--prompt", "x", "--steps", "2", "--method", "lip-noar", "-o", str(tmp_path / "e.gif")])
+    assert "using the first 5 of 6 frames" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_text("not a video"), "could not read video"),
+    (lambda p: None, "does not exist"),
+    (lambda p: small_video(p, frames=3), "at least 5"),
+])
+def test_edit_input_errors(tmp_path, capsys, make, message):
+    source = tmp_path / "input.mp4"
+    make(source)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["edit", str(source), "--prompt", "x", "-o", str(tmp_path / "e.mp4")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

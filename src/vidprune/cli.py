@@ -9,11 +9,12 @@ from typing import Sequence
 
 import torch
 
-from .config import TapeConfig
-from .patch import apply, stats
-from .video_io import check_output_path, write_video
+from .config import LipConfig, TapeConfig
+from .patch import apply, remove, stats
+from .video_io import check_output_path, read_video, write_video
 
 METHODS = ("none", "tape", "naive", "random")
+EDIT_METHODS = ("none", "lip", "lip-noar")
 
 
 def tape_config(method: str, keep: float) -> TapeConfig | None:
@@ -27,14 +28,15 @@ def tape_config(method: str, keep: float) -> TapeConfig | None:
     return TapeConfig.random(keep)
 
 
-def load_pipeline(model: str | None, device: str, dtype: torch.dtype):
-    """A supported diffusers pipeline from a local folder or hub id, or the demo pipeline."""
+def load_pipeline(model: str | None, device: str, dtype: torch.dtype, video_to_video: bool = False):
+    """A supported diffusers pipeline from a local folder or hub id, or the demo pipeline; as
+    its video-to-video variant when `video_to_video`."""
     if model is None:
         from .demo.random_pipeline import build_random_wan_pipeline
 
         print("model: the random-weight demo Wan pipeline built in code (no trained weights are shipped yet, "
               "so the video is noise-like; speed and pruning are real)")
-        pipe = build_random_wan_pipeline("t2v", size="small")
+        pipe = build_random_wan_pipeline("v2v" if video_to_video else "t2v", size="small")
     else:
         from diffusers import DiffusionPipeline
 
@@ -43,12 +45,21 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype):
         except (OSError, ValueError) as error:
             raise SystemExit(f"vidprune: could not load a diffusers pipeline from {model!r}: {error}") from error
         print(f"model: {model} ({type(pipe).__name__})")
-    return pipe.to(device=device, dtype=dtype)
+        if video_to_video and type(pipe).__name__ != "WanVideoToVideoPipeline":
+            from diffusers import WanVideoToVideoPipeline
+
+            pipe = WanVideoToVideoPipeline.from_pipe(pipe)
+    pipe = pipe.to(device)
+    return pipe if dtype == pipe.transformer.dtype else pipe.to(dtype=dtype)
+
+
+def _device(requested: str | None) -> tuple[str, torch.dtype]:
+    device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
 def generate(args: argparse.Namespace) -> None:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    device, dtype = _device(args.device)
     config = tape_config(args.method, args.keep)  # validate the arguments before the model loads
     check_output_path(args.output)
     pipe = load_pipeline(args.model, device, dtype)
@@ -74,6 +85,72 @@ def generate(args: argparse.Namespace) -> None:
           f"on {device} -> {path}")
 
 
+def source_video(path: str, max_frames: int | None, height: int | None, width: int | None):
+    """The input video as PIL frames, trimmed to 4k+1 frames, and the size to edit at."""
+    from PIL import Image
+
+    frames = read_video(path, max_frames)
+    usable = (len(frames) - 1) // 4 * 4 + 1  # Wan's VAE takes 4k+1 frames
+    if usable < 5:
+        raise ValueError(f"input video has {len(frames)} frames: editing needs at least 5 (two latent frames)")
+    if usable != len(frames):
+        print(f"using the first {usable} of {len(frames)} frames (Wan takes 4k+1 frames)")
+    height = height or frames.shape[1] // 16 * 16
+    width = width or frames.shape[2] // 16 * 16
+    if height < 16 or width < 16 or height % 16 or width % 16:
+        raise ValueError(f"size {width}x{height} is not accepted: width and height must be multiples of 16, at least 16")
+    return [Image.fromarray(frame) for frame in frames[:usable]], height, width
+
+
+def edit(args: argparse.Namespace) -> None:
+    from .metrics import flicker, psnr
+
+    device, dtype = _device(args.device)
+    check_output_path(args.output)
+    config = None if args.method == "none" else LipConfig(recovery=args.method == "lip")
+    video, height, width = source_video(args.input, args.max_frames, args.height, args.width)
+    pipe = load_pipeline(args.model, device, dtype, video_to_video=True)
+
+    def run() -> tuple[object, float]:
+        started = time.perf_counter()
+        frames = pipe(
+            prompt=args.prompt, video=video, height=height, width=width, strength=args.strength,
+            num_inference_steps=args.steps, guidance_scale=args.guidance,
+            generator=torch.Generator(device).manual_seed(args.seed), output_type="np",
+        ).frames[0]
+        return frames, time.perf_counter() - started
+
+    if config is not None:
+        apply(pipe, config)
+    print(f"method: {args.method}, {len(video)} frames at {width}x{height}, strength {args.strength}")
+    frames, elapsed = run()
+    if config is not None:
+        span = stats(pipe).forwards[0].spans
+        if span:
+            per_frame = span[0].kept_per_frame()
+            total = span[0].grid.per_frame
+            print("pruned per latent frame: " + " ".join(f"{1 - k / total:.2f}" for k in per_frame))
+        print(f"tokens pruned: {1 - stats(pipe).mean_keep:.1%}, estimated block FLOPs saved {stats(pipe).flops_saved:.1%}")
+    print(f"edited in {elapsed:.2f} s on {device}")
+    if args.compare:
+        remove(pipe)
+        reference, reference_time = run()
+        print(f"unpruned edit: {reference_time:.2f} s (speedup {reference_time / elapsed:.2f}x); "
+              f"PSNR against it {psnr(frames, reference):.2f} dB; flicker {flicker(frames):.4f} "
+              f"(unpruned {flicker(reference):.4f})")
+    path = write_video(frames, args.output, fps=args.fps)
+    print(f"wrote {path}")
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="local folder or hub id of a diffusers Wan pipeline (default: demo pipeline)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fps", type=int, default=16)
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidprune", description="Faster diffusers video transformers by token pruning.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -83,17 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--method", choices=METHODS, default="tape",
                      help="tape (default), naive per-frame pruning, random pruning, or none")
     gen.add_argument("--keep", type=float, default=0.5, help="mean fraction of video tokens kept (0, 1]")
-    gen.add_argument("--model", help="local folder or hub id of a diffusers Wan pipeline (default: demo pipeline)")
     gen.add_argument("--frames", type=int, default=17, help="video frames (4k+1 for Wan)")
     gen.add_argument("--height", type=int, default=256)
     gen.add_argument("--width", type=int, default=256)
-    gen.add_argument("--steps", type=int, default=20, help="denoising steps")
-    gen.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--fps", type=int, default=16)
-    gen.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     gen.add_argument("-o", "--output", default="out.mp4", help=".mp4 or .gif file to write")
+    _common_arguments(gen)
     gen.set_defaults(run=generate)
+
+    ed = commands.add_parser("edit", help="video-to-video editing with inter-frame pruning (LIP)")
+    ed.add_argument("input", help="video file (mp4, avi, mov, mkv, webm, gif) or a folder of frames")
+    ed.add_argument("--prompt", required=True, help="what the edited video should show")
+    ed.add_argument("--method", choices=EDIT_METHODS, default="lip",
+                    help="lip (with Attention Recovery, default), lip-noar (plain pruning) or none")
+    ed.add_argument("--strength", type=float, default=0.7, help="how far to noise the source (0, 1]")
+    ed.add_argument("--max-frames", type=int, help="read at most this many frames")
+    ed.add_argument("--height", type=int, help="default: the video's, rounded down to a multiple of 16")
+    ed.add_argument("--width", type=int, help="default: the video's, rounded down to a multiple of 16")
+    ed.add_argument("--compare", action="store_true", help="also run the unpruned edit and report fidelity")
+    ed.add_argument("-o", "--output", default="edited.mp4", help=".mp4 or .gif file to write")
+    _common_arguments(ed)
+    ed.set_defaults(run=edit)
     return parser
 
 
@@ -101,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"vidprune: {error}", file=sys.stderr)
         raise SystemExit(2) from error
 

@@ -112,6 +112,9 @@ class LipPruner(TokenPruner):
         self.state.current.scratch["span_inputs"] = inputs
         return self.state.plan.index
 
+    def records_selections(self) -> bool:
+        return True  # one index for the whole call: keeping it costs nothing
+
     def attention_keys(self) -> int | None:
         keys = self.state.plan.keys
         return None if keys is None else keys.positions.shape[0]

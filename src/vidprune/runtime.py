@@ -120,6 +120,10 @@ class TokenPruner:
         """Self-attention keys inside spans when they differ from the kept tokens."""
         return None
 
+    def records_selections(self) -> bool:
+        """Whether span records keep the kept indices."""
+        return getattr(self.config, "record_selections", False)
+
     def wants_forward(self) -> bool:
         """False while the method runs a forward of its own that must not be pruned."""
         return True
@@ -177,7 +181,7 @@ class TokenPruner:
             gathered = self.adapter.gather_block_inputs(inputs, index)
             current.span_input, current.index = hidden_states, index
             current.token_inputs = {k: v for k, v in gathered.items() if k != "hidden_states"}
-            recorded = index if getattr(self.config, "record_selections", False) else None
+            recorded = index if self.records_selections() else None
             current.record.spans.append(
                 SpanRecord(span.start, span.end, index.shape[1], current.grid, recorded, self.attention_keys())
             )

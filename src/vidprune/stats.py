@@ -18,8 +18,15 @@ class SpanRecord:
     end: int
     tokens: int
     grid: TokenGrid
-    index: torch.Tensor | None = None  # kept token indices, with TapeConfig(record_selections=True)
+    index: torch.Tensor | None = None  # kept token indices (LIP; TAPE with record_selections=True)
     keys: int | None = None  # self-attention keys when they differ from tokens (LIP's recovery)
+
+    def kept_per_frame(self) -> list[int]:
+        """Tokens kept in each latent frame (first sample), from the recorded indices."""
+        if self.index is None:
+            raise ValueError("no selection was recorded for this span: use TapeConfig(record_selections=True)")
+        frames = torch.div(self.index[0], self.grid.per_frame, rounding_mode="floor")
+        return torch.bincount(frames, minlength=self.grid.frames).tolist()
 
 
 @dataclass

@@ -42,3 +42,41 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = 16) -> Path:
         for frame in frames:
             writer.append_data(frame)
     return path
+
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def read_video(path: str | Path, max_frames: int | None = None) -> np.ndarray:
+    """(frames, H, W, 3) uint8 RGB from a video file (mp4, avi, mov, mkv, webm, gif) or a folder
+    of frame images (sorted by name)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input video {str(path)!r} does not exist")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        if not files:
+            raise ValueError(f"folder {str(path)!r} holds no frames: expected {', '.join(FRAME_SUFFIXES)} images")
+        from PIL import Image
+
+        files = files[:max_frames]
+        frames = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        if len({f.shape for f in frames}) > 1:
+            raise ValueError(f"frames in {str(path)!r} differ in size: every frame must have the same size")
+        return np.stack(frames)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"input {str(path)!r} is not accepted: give a {', '.join(VIDEO_SUFFIXES)} file or a folder of frames")
+    import imageio.v3 as iio
+
+    try:
+        frames = []
+        for frame in iio.imiter(path):
+            frames.append(np.asarray(frame)[..., :3] if frame.ndim == 3 else np.repeat(frame[..., None], 3, -1))
+            if max_frames is not None and len(frames) == max_frames:
+                break
+    except Exception as error:  # imageio raises many types for broken files
+        raise ValueError(f"could not read video {str(path)!r}: {error}") from error
+    if not frames:
+        raise ValueError(f"video {str(path)!r} has no frames")
+    return np.stack(frames).astype(np.uint8)
