@@ -1,0 +1,129 @@
+"""The demo model's training script, run for a few steps at --tiny size on the CPU (so that it
+cannot rot): vae and dit with a resume each, export, and loading the exported folder offline."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+from safetensors import safe_open
+
+from vidprune.demo import train
+from vidprune.demo.pipeline import DEFAULT_CALL, load_demo_pipeline
+
+TINY_CALL = {**DEFAULT_CALL, "num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 2}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """Each training mode run twice (the second run resumes), then export."""
+    root = tmp_path_factory.mktemp("demo_train")
+    vae, dit, model = root / "vae", root / "dit", root / "model"
+    saved = {}
+    train.main(["vae", "--tiny", "--out", str(vae), "--steps", "2", "--workers", "1"])
+    saved["vae_first"] = torch.load(vae / "checkpoint.pt", weights_only=True)
+    train.main(["vae", "--tiny", "--out", str(vae), "--steps", "3"])
+    train.main(["dit", "--tiny", "--vae", str(vae), "--out", str(dit), "--steps", "2"])
+    train.main(["dit", "--tiny", "--vae", str(vae), "--out", str(dit), "--steps", "3"])
+    saved["dit_second"] = torch.load(dit / "checkpoint.pt", weights_only=True)
+    train.main(["dit", "--tiny", "--vae", str(vae), "--out", str(dit), "--minutes", "0"])  # stops at once
+    train.main(["export", "--vae", str(vae), "--dit", str(dit), "--out", str(model)])
+    return dict(vae=vae, dit=dit, model=model, saved=saved)
+
+
+def test_training_resumes_from_its_checkpoint(folders):
+    vae = torch.load(folders["vae"] / "checkpoint.pt", weights_only=True)
+    assert folders["saved"]["vae_first"]["step"] == 2
+    assert (vae["step"], vae["runs"], len(vae["curve"])) == (3, 1, 3)
+    # The optimiser went on counting from the first run instead of starting again.
+    assert all(state["step"] == 3 for state in vae["optimizer"]["state"].values())
+
+    dit = torch.load(folders["dit"] / "checkpoint.pt", weights_only=True)
+    assert (dit["step"], dit["runs"], len(dit["curve"])) == (3, 2, 3)
+    before = folders["saved"]["dit_second"]
+    # A run that trains no step saves back exactly the weights it resumed from.
+    for key in ("model", "ema"):
+        assert all(torch.equal(before[key][name], dit[key][name]) for name in before[key])
+    curve = json.loads((folders["dit"] / "curve.json").read_text())
+    assert curve["step"] == 3 and len(curve["points"]) == 3
+
+
+def test_vae_stores_latent_statistics(folders):
+    config = json.loads((folders["vae"] / "vae" / "config.json").read_text())
+    assert len(config["latents_mean"]) == len(config["latents_std"]) == 16
+    assert config["latents_mean"][0] != -0.7571  # not Wan2.1's defaults
+    assert all(std > 0 for std in config["latents_std"])
+    assert (config["scale_factor_spatial"], config["scale_factor_temporal"]) == (4, 4)
+
+
+def test_export_is_a_fp16_pipeline_folder_without_text_encoder(folders):
+    model = folders["model"]
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["_class_name"] == "WanPipeline" and index["text_encoder"] == [None, None]
+    assert not (model / "text_encoder").exists() and not (model / "tokenizer").exists()
+    for weights in model.glob("*/*.safetensors"):
+        with safe_open(weights, "pt") as file:
+            assert all(file.get_slice(name).get_dtype() == "F16" for name in file.keys())
+    curves = json.loads((model / "training_curves.json").read_text())
+    assert curves["vae"]["step"] == 3 and curves["dit"]["step"] == 3
+
+
+def test_exported_pipeline_loads_offline_and_generates(folders):
+    pipe = load_demo_pipeline(folders["model"])
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.flow_shift == 3.0
+    video = pipe("a red circle moves left over a navy checkered background, the camera is still",
+                 generator=torch.Generator().manual_seed(0), output_type="np", **TINY_CALL).frames
+    assert video.shape == (1, 5, 32, 32, 3)
+    assert 0.0 <= video.min() and video.max() <= 1.0
+
+    # The caption states the DiT was trained on are exactly what the pipeline gives it.
+    captions = ["a green square moves up over a teal striped background, the camera pans left", ""]
+    ours = train.encode_captions(pipe.tokenizer, pipe.text_encoder, captions, torch.device("cpu"))
+    theirs, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False,
+                                   max_sequence_length=DEFAULT_CALL["max_sequence_length"], device="cpu")
+    assert torch.equal(ours, theirs)
+
+
+def test_missing_model_says_where_and_how_to_make_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vidprune.demo.train") as error:
+        load_demo_pipeline(tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in str(error.value)
+
+
+def test_corrupt_model_gives_a_clear_error(folders, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(folders["model"], broken)
+    weights = next((broken / "transformer").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="vidprune.demo.train") as error:
+        load_demo_pipeline(broken)
+    assert str(broken) in str(error.value)
+
+    (broken / "model_index.json").write_text("{ not json")
+    with pytest.raises(ValueError, match="could not be loaded"):
+        load_demo_pipeline(broken)
+
+
+def test_quality_benchmark_runs(folders, tmp_path):
+    path = Path(__file__).parents[1] / "benchmarks" / "demo_quality.py"
+    spec = importlib.util.spec_from_file_location("demo_quality", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    result = benchmark.main(["--model", str(folders["model"]), "--device", "cpu", "--prompts", "2",
+                             "--recon-clips", "2", "--steps", "2", "--frames", "5", "--size", "32",
+                             "--out", str(tmp_path)])
+    assert result["prompts"] == 2 and len(result["per_prompt"]) == 2
+    assert result["real_clips"]["colour_accuracy"] == 1.0  # the measurement itself reads real clips right
+    assert (tmp_path / "demo_quality.json").exists() and (tmp_path / "demo_quality.md").exists()
