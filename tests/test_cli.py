@@ -47,24 +47,28 @@ def test_unknown_method_is_rejected(capsys):
 
 
 def small_video(path, frames: int = 9) -> None:
+    """A still striped background with a small square moving slowly in one corner."""
     import numpy as np
 
     from vidprune.video_io import write_video
 
-    video = np.full((frames, 64, 96, 3), 80, np.uint8)
+    video = np.zeros((frames, 128, 160, 3), np.uint8)
+    video[:, :, :, 2] = 60 + 40 * (np.arange(160) // 16 % 2)
     for f in range(frames):
-        video[f, 16:40, 4 + 6 * f : 28 + 6 * f] = (240, 40, 40)
+        video[f, 8:24, 8 + f : 24 + f] = (240, 40, 40)
     write_video(video, path)
 
 
 def test_edit_a_video_file_with_comparison(tmp_path, capsys):
     source, output = tmp_path / "source.mp4", tmp_path / "edited.mp4"
     small_video(source)
-    main(["edit", str(source), "--prompt", "a blue square", "--steps", "2", "--compare", "-o", str(output)])
+    main(["edit", str(source), "--prompt", "a blue square", "--steps", "2", "--target-prune", "0.3", "--compare",
+          "-o", str(output)])
     printed = capsys.readouterr().out
     assert "pruned per latent frame: 0.00" in printed and "PSNR against it" in printed
+    assert "tokens pruned: 0.0%" not in printed  # the fitted tau prunes some tokens
     frames = imageio.mimread(output)
-    assert len(frames) == 9 and frames[0].shape == (64, 96, 3)
+    assert len(frames) == 9 and frames[0].shape == (128, 160, 3)
 
 
 def test_edit_a_folder_of_frames(tmp_path, capsys):

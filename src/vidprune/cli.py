@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from .config import LipConfig, TapeConfig
+from .interframe import LipDetection
 from .patch import apply, remove, stats
 from .video_io import check_output_path, read_video, write_video
 
@@ -32,11 +33,11 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype, video_to_v
     """A supported diffusers pipeline from a local folder or hub id, or the demo pipeline; as
     its video-to-video variant when `video_to_video`."""
     if model is None:
-        from .demo.random_pipeline import build_random_wan_pipeline
+        from .demo.pipeline import MODEL_DIR, load_demo_pipeline
 
-        print("model: the random-weight demo Wan pipeline built in code (no trained weights are shipped yet, "
-              "so the video is noise-like; speed and pruning are real)")
-        pipe = build_random_wan_pipeline("v2v" if video_to_video else "t2v", size="small")
+        print(f"model: vidprune's demo Wan pipeline ({MODEL_DIR}), a small model trained on procedural clips: "
+              "a test bed, not a product model")
+        pipe = load_demo_pipeline()
     else:
         from diffusers import DiffusionPipeline
 
@@ -45,10 +46,10 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype, video_to_v
         except (OSError, ValueError) as error:
             raise SystemExit(f"vidprune: could not load a diffusers pipeline from {model!r}: {error}") from error
         print(f"model: {model} ({type(pipe).__name__})")
-        if video_to_video and type(pipe).__name__ != "WanVideoToVideoPipeline":
-            from diffusers import WanVideoToVideoPipeline
+    if video_to_video and type(pipe).__name__ != "WanVideoToVideoPipeline":
+        from diffusers import WanVideoToVideoPipeline
 
-            pipe = WanVideoToVideoPipeline.from_pipe(pipe)
+        pipe = WanVideoToVideoPipeline.from_pipe(pipe)
     pipe = pipe.to(device)
     return pipe if dtype == pipe.transformer.dtype else pipe.to(dtype=dtype)
 
@@ -56,6 +57,18 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype, video_to_v
 def _device(requested: str | None) -> tuple[str, torch.dtype]:
     device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
     return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def call_settings(args: argparse.Namespace) -> dict:
+    """Steps, guidance and text length: the demo model's own when it is used, else the
+    command's defaults."""
+    settings = dict(num_inference_steps=args.steps or 25, guidance_scale=args.guidance)
+    if args.model is None:
+        from .demo.pipeline import DEFAULT_CALL
+
+        settings.update(max_sequence_length=DEFAULT_CALL["max_sequence_length"],
+                        num_inference_steps=args.steps or DEFAULT_CALL["num_inference_steps"])
+    return settings
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -72,10 +85,9 @@ def generate(args: argparse.Namespace) -> None:
         height=args.height,
         width=args.width,
         num_frames=args.frames,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
         generator=torch.Generator(device).manual_seed(args.seed),
         output_type="np",
+        **call_settings(args),
     ).frames[0]
     elapsed = time.perf_counter() - started
     path = write_video(frames, args.output, fps=args.fps)
@@ -107,7 +119,8 @@ def edit(args: argparse.Namespace) -> None:
 
     device, dtype = _device(args.device)
     check_output_path(args.output)
-    config = None if args.method == "none" else LipConfig(recovery=args.method == "lip")
+    detection = LipDetection(tau=args.tau, target_prune=args.target_prune)
+    config = None if args.method == "none" else LipConfig(detection=detection, recovery=args.method == "lip")
     video, height, width = source_video(args.input, args.max_frames, args.height, args.width)
     pipe = load_pipeline(args.model, device, dtype, video_to_video=True)
 
@@ -115,8 +128,7 @@ def edit(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         frames = pipe(
             prompt=args.prompt, video=video, height=height, width=width, strength=args.strength,
-            num_inference_steps=args.steps, guidance_scale=args.guidance,
-            generator=torch.Generator(device).manual_seed(args.seed), output_type="np",
+            generator=torch.Generator(device).manual_seed(args.seed), output_type="np", **call_settings(args),
         ).frames[0]
         return frames, time.perf_counter() - started
 
@@ -125,11 +137,12 @@ def edit(args: argparse.Namespace) -> None:
     print(f"method: {args.method}, {len(video)} frames at {width}x{height}, strength {args.strength}")
     frames, elapsed = run()
     if config is not None:
-        span = stats(pipe).forwards[0].spans
-        if span:
-            per_frame = span[0].kept_per_frame()
-            total = span[0].grid.per_frame
-            print("pruned per latent frame: " + " ".join(f"{1 - k / total:.2f}" for k in per_frame))
+        spans = stats(pipe).forwards[0].spans
+        if spans:
+            total = spans[0].grid.per_frame
+            print("pruned per latent frame: " + " ".join(f"{1 - k / total:.2f}" for k in spans[0].kept_per_frame()))
+        else:
+            print("pruned per latent frame: none (the source changes everywhere, so every token is computed)")
         print(f"tokens pruned: {1 - stats(pipe).mean_keep:.1%}, estimated block FLOPs saved {stats(pipe).flops_saved:.1%}")
     print(f"edited in {elapsed:.2f} s on {device}")
     if args.compare:
@@ -144,7 +157,7 @@ def edit(args: argparse.Namespace) -> None:
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="local folder or hub id of a diffusers Wan pipeline (default: demo pipeline)")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the demo model's 25, else 25)")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fps", type=int, default=16)
@@ -161,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tape (default), naive per-frame pruning, random pruning, or none")
     gen.add_argument("--keep", type=float, default=0.5, help="mean fraction of video tokens kept (0, 1]")
     gen.add_argument("--frames", type=int, default=17, help="video frames (4k+1 for Wan)")
-    gen.add_argument("--height", type=int, default=256)
-    gen.add_argument("--width", type=int, default=256)
+    gen.add_argument("--height", type=int, default=128, help="the demo model is trained at 128x128")
+    gen.add_argument("--width", type=int, default=128)
     gen.add_argument("-o", "--output", default="out.mp4", help=".mp4 or .gif file to write")
     _common_arguments(gen)
     gen.set_defaults(run=generate)
@@ -173,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--method", choices=EDIT_METHODS, default="lip",
                     help="lip (with Attention Recovery, default), lip-noar (plain pruning) or none")
     ed.add_argument("--strength", type=float, default=0.7, help="how far to noise the source (0, 1]")
+    ed.add_argument("--tau", type=float, default=LipDetection.tau,
+                    help="a token is computed where its latent distance to the previous frame exceeds tau")
+    ed.add_argument("--target-prune", type=float,
+                    help="instead of tau: the fraction of tokens to prune; tau is fitted to this video")
     ed.add_argument("--max-frames", type=int, help="read at most this many frames")
     ed.add_argument("--height", type=int, help="default: the video's, rounded down to a multiple of 16")
     ed.add_argument("--width", type=int, help="default: the video's, rounded down to a multiple of 16")
