@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +23,7 @@ from diffusers import UniPCMultistepScheduler, WanVideoToVideoPipeline
 import vidprune
 from vidprune.interframe import keep_mask, prune_report
 
-from tape_speed import ForwardTimer, build_transformer
+from tape_speed import ForwardTimer, build_transformer, measure_calls
 
 
 def main() -> None:
@@ -81,33 +79,10 @@ def main() -> None:
     results = {}
     with torch.no_grad():
         for name, config in methods.items():
-            vidprune.remove(pipe)
-            if config is not None:
-                vidprune.apply(pipe, config)
-            call(2)
-            timer.take()
-            torch.cuda.reset_peak_memory_stats()
-            call_s = []
-            for _ in range(2):
-                torch.cuda.synchronize()
-                started = time.perf_counter()
-                latents = call(args.steps)
-                torch.cuda.synchronize()
-                call_s.append(time.perf_counter() - started)
-                forwards = timer.take()
-            entry = {
-                "forward_ms_median": statistics.median(forwards),
-                "forwards": len(forwards),
-                "call_s": call_s[1],
-                "first_call_s": call_s[0],
-                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-                "finite_output": bool(torch.isfinite(latents).all()),
-            }
-            if config is not None:
-                entry["kept_fraction"] = vidprune.stats(pipe).mean_keep
-                entry["block_flops_saved"] = vidprune.stats(pipe).flops_saved
+            entry = measure_calls(pipe, config, call, args.steps, timer)
+            entry["kept_fraction"] = entry.pop("mean_keep", 1.0)
             results[name] = entry
-            print(name, entry, flush=True)
+            print(name, {k: v for k, v in entry.items() if k != "forward_ms"}, flush=True)
     if args.profile:
         for name in ("unpruned", "lip-noar", "lip"):
             results[name]["gpu_kernel_ms_per_forward"] = kernel_time_per_forward(pipe, methods[name], call, timer)

@@ -89,6 +89,39 @@ class ForwardTimer:
         return times
 
 
+def measure_calls(pipe, config, call, steps: int, timer: ForwardTimer) -> dict:
+    """Apply `config` (None: unpatched), warm up, then time two identical calls: the first meets
+    new token counts, the second is steady state. Forward times are the second call's."""
+    vidprune.remove(pipe)
+    if config is not None:
+        vidprune.apply(pipe, config)
+    call(2)  # warm-up
+    timer.take()
+    torch.cuda.reset_peak_memory_stats()
+    call_s = []
+    for _ in range(2):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        latents = call(steps)
+        torch.cuda.synchronize()
+        call_s.append(time.perf_counter() - started)
+        forwards = timer.take()
+    entry = {
+        "forward_ms_median": statistics.median(forwards),
+        "forward_ms_mean": statistics.mean(forwards),
+        "call_s": call_s[1],
+        "first_call_s": call_s[0],
+        "forwards": len(forwards),
+        "forward_ms": [round(t, 2) for t in forwards],
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "finite_output": bool(torch.isfinite(latents).all()),
+    }
+    if config is not None:
+        entry["mean_keep"] = vidprune.stats(pipe).mean_keep
+        entry["block_flops_saved"] = vidprune.stats(pipe).flops_saved
+    return entry
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1.3b")
@@ -176,32 +209,9 @@ def main() -> None:
     results = {}
     with torch.no_grad():
         for name, config in methods.items():
-            vidprune.remove(pipe)
-            if config is not None:
-                vidprune.apply(pipe, config)
-            call(2)  # warm-up
-            timer.take()
-            call_s = []
-            for _ in range(2):  # the first call meets new token counts; the second is steady state
-                torch.cuda.synchronize()
-                started = time.perf_counter()
-                latents = call(args.steps)
-                torch.cuda.synchronize()
-                call_s.append(time.perf_counter() - started)
-                forwards = timer.take()
-            entry = {
-                "forward_ms_median": statistics.median(forwards),
-                "forward_ms_mean": statistics.mean(forwards),
-                "call_s": call_s[1],
-                "first_call_s": call_s[0],
-                "forwards": len(forwards),
-                "forward_ms": [round(t, 2) for t in forwards],
-                "finite_output": bool(torch.isfinite(latents).all()),
-            }
+            entry = measure_calls(pipe, config, call, args.steps, timer)
             if config is not None:
                 stats = vidprune.stats(pipe)
-                entry["mean_keep"] = stats.mean_keep
-                entry["block_flops_saved"] = stats.flops_saved
                 # The ceiling: every forward's non-block work plus its blocks at their token counts.
                 ideal = []
                 for record in stats.forwards:
