@@ -9,11 +9,12 @@ def fail(name: str, value: Any, accepted: str) -> None:
     raise ValueError(f"{name}={value!r} is not accepted: {name} must be {accepted}")
 
 
-def check_fraction(name: str, value: Any, low_open: bool = True) -> None:
+def check_fraction(name: str, value: Any) -> None:
+    """A number in (0, 1]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         fail(name, value, "a number")
-    if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
-        fail(name, value, "in (0, 1]" if low_open else "in [0, 1]")
+    if not 0.0 < value <= 1.0:
+        fail(name, value, "in (0, 1]")
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:
