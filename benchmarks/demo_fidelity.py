@@ -29,6 +29,8 @@ def methods(keep: float) -> dict[str, vidprune.TapeConfig]:
         f"tape_no_smoothing_{keep}": tape.with_(temporal_sigma=0.0),
         f"tape_no_reselection_{keep}": tape.with_(reselect_every=0),
         f"tape_no_schedule_{keep}": tape.with_(schedule="constant"),
+        f"tape_full_first_step_{keep}": tape.with_(full_first_steps=1),
+        f"tape_reuse_residuals_{keep}": tape.with_(full_first_steps=1, reuse_residuals=True),
         f"naive_{keep}": vidprune.TapeConfig.naive(keep, record_selections=True),
         f"random_{keep}": vidprune.TapeConfig.random(keep, record_selections=True),
     }

@@ -119,3 +119,26 @@ def test_adapter_query_key_equal_the_models_own(monkeypatch, fused):
     some = sample_queries(grid, 10, seed=0, device=torch.device("cpu"))
     sampled, _ = adapter_for(model).query_key(model.blocks[0], block_inputs, some)
     torch.testing.assert_close(sampled, query[:, :, some])
+
+
+def test_reused_residual_stands_in_for_a_pruned_token():
+    """With reuse_residuals, a token pruned from a span leaves it with the residual it got the
+    last time the span computed it (here: an unpruned forward at sigma 0)."""
+    model = tiny_transformer()
+    config = vidprune.TapeConfig(keep=0.6, schedule="linear", schedule_spread=1.0, first_pruned_layer=0,
+                                 reselect_every=0, reuse_residuals=True, record_selections=True)
+    outputs = []
+    model.blocks[-1].register_forward_hook(lambda m, a, out: outputs.append(out))
+    vidprune.apply(model, config)
+    inputs = transformer_inputs(frames=3, height=8, width=8)
+    model(**dict(inputs, timestep=torch.tensor([0.0])))  # keep 1.0: every token's residual recorded
+    model(**dict(inputs, timestep=torch.tensor([999.0])))  # heavy pruning
+    record = vidprune.stats(model).forwards[-1]
+    vidprune.remove(model)
+    kept = torch.zeros(48, dtype=torch.bool)
+    kept[record.spans[0].index[0]] = True
+    assert 0 < kept.sum() < 48
+    # The span's input (patch embeddings) is the same in both forwards, so a pruned token's
+    # output is exactly its output of the unpruned forward.
+    torch.testing.assert_close(outputs[1][0, ~kept], outputs[0][0, ~kept])
+    assert not torch.allclose(outputs[1][0, kept], outputs[0][0, kept])

@@ -46,6 +46,10 @@ class TapeConfig:
     seed: seed of the random query sample and of random importance.
     record_selections: keep every span's kept indices in `vidprune.stats` (for measuring
         selection jitter; costs memory).
+    reuse_residuals: beyond the paper: a pruned token gets the residual (span output minus
+        span input) it had when the span last computed it, instead of passing unchanged; the
+        full first/last steps compute every token and so fill this cache. Costs one
+        (batch, tokens, dim) tensor per span and CFG branch.
     """
 
     keep: float = 0.5
@@ -65,6 +69,7 @@ class TapeConfig:
     share_cfg_selection: bool = True
     seed: int = 0
     record_selections: bool = False
+    reuse_residuals: bool = False
 
     def __post_init__(self) -> None:
         check_fraction("keep", self.keep)
@@ -95,8 +100,9 @@ class TapeConfig:
         if not isinstance(self.share_cfg_selection, bool):
             fail("share_cfg_selection", self.share_cfg_selection, "True or False")
         check_int("seed", self.seed, 0)
-        if not isinstance(self.record_selections, bool):
-            fail("record_selections", self.record_selections, "True or False")
+        for name in ("record_selections", "reuse_residuals"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, getattr(self, name), "True or False")
 
     @property
     def needs_step_list(self) -> bool:

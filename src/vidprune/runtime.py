@@ -190,9 +190,13 @@ class TokenPruner:
             inputs = {**inputs, **current.token_inputs}
         output = forward(**inputs)
         if layer == span.end:
-            output = scatter_tokens(current.span_input, current.index, output)
+            output = self.finish_span(span, current.span_input, current.index, output)
             current.span_input, current.index, current.token_inputs = None, None, {}
         return output
+
+    def finish_span(self, span: Span, span_input: torch.Tensor, index: torch.Tensor, kept_output: torch.Tensor) -> torch.Tensor:
+        """The span's full-length output: pruned tokens pass the span unchanged."""
+        return scatter_tokens(span_input, index, kept_output)
 
 
 class TransformerHook(ModelHook):

@@ -12,7 +12,7 @@ from .importance import attention_received, random_importance, sample_queries
 from .runtime import CallState, ForwardState, Span, TokenPruner, spans_from_starts
 from .schedule import keep_at, plan_keeps
 from .selection import kept_per_frame, select_global, select_per_frame, smooth_over_time
-from .tokens import TokenGrid
+from .tokens import TokenGrid, scatter_tokens
 
 
 class TapeState(CallState):
@@ -26,6 +26,8 @@ class TapeState(CallState):
         # (sigma, batch, {span start: index}) of the last forward, for its CFG partner call.
         self.last_selections: tuple[float, int, dict[int, torch.Tensor]] | None = None
         self._queries: dict[tuple[TokenGrid, torch.device], torch.Tensor] = {}
+        # (text, span start) -> last span residual of every token, with reuse_residuals
+        self.residuals: dict[tuple[int, int], torch.Tensor] = {}
 
     def step_and_keep(self, sigma: float) -> tuple[int | None, float]:
         """Step index within the call (None when the call's steps are unknown) and keep ratio."""
@@ -54,21 +56,28 @@ class TapePruner(TokenPruner):
         super().__init__(transformer, adapter, config, state, spans_from_starts(config.span_starts(num_layers), num_layers))
         self.reused: dict[int, torch.Tensor] | None = None
         self.selections: dict[int, torch.Tensor] = {}
+        self.keep_all = False
 
     def plan_forward(self, current: ForwardState) -> None:
         state, grid = self.state, current.grid
         step, keep = state.step_and_keep(current.sigma)
         batch = current.inputs["hidden_states"].shape[0]
-        current.active = keep < 1.0 and kept_per_frame(grid, keep) < grid.per_frame
-        current.record.step, current.record.keep = step, keep if current.active else 1.0
+        pruning = keep < 1.0 and kept_per_frame(grid, keep) < grid.per_frame
+        # With reuse_residuals, unpruned steps still run through the spans (keeping every
+        # token) so that they record every token's residual.
+        self.keep_all = not pruning and self.config.reuse_residuals and self.config.keep < 1.0
+        current.active = pruning or self.keep_all
+        current.record.step, current.record.keep = step, keep if pruning else 1.0
         last, self.reused, self.selections = state.last_selections, None, {}
         if self.config.share_cfg_selection and last is not None and last[:2] == (current.sigma, batch):
             self.reused, state.last_selections = last[2], None
         else:
-            state.last_selections = (current.sigma, batch, self.selections) if current.active else None
-        current.record.shared_selection = self.reused is not None and current.active
+            state.last_selections = (current.sigma, batch, self.selections) if pruning else None
+        current.record.shared_selection = self.reused is not None and pruning
 
     def select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor:
+        if self.keep_all:
+            return torch.arange(self.state.current.grid.size, device=inputs["hidden_states"].device).unsqueeze(0)
         if self.reused is not None:
             return self.reused[span.start]
         current, config = self.state.current, self.config
@@ -84,3 +93,13 @@ class TapePruner(TokenPruner):
         index = select(scores, grid, current.record.keep)
         self.selections[span.start] = index
         return index
+
+    def finish_span(self, span: Span, span_input: torch.Tensor, index: torch.Tensor, kept_output: torch.Tensor) -> torch.Tensor:
+        if not self.config.reuse_residuals:
+            return super().finish_span(span, span_input, index, kept_output)
+        key = (self.state.current.inputs["encoder_hidden_states"].data_ptr(), span.start)
+        cached = self.state.residuals.get(key)
+        base = span_input if cached is None else span_input + cached
+        output = scatter_tokens(base, index, kept_output)
+        self.state.residuals[key] = output - span_input  # fresh for kept tokens, carried for pruned
+        return output
