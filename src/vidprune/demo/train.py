@@ -343,6 +343,10 @@ def train_vae(args: argparse.Namespace) -> None:
         vae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.manual_seed(args.seed + 1000 * run.runs)  # new noise draws in a resumed run
+    elif args.init is not None:  # continue from an exported model (a new optimiser)
+        initial = AutoencoderKLWan.from_pretrained(Path(args.init) / "vae", local_files_only=True)
+        vae.load_state_dict(initial.float().state_dict())
+        print(f"[vae] initialised from {args.init}", flush=True)
     batch = args.batch or sizes.vae_batch
     print(f"[vae] {parameter_count(vae) / 1e6:.2f}M parameters, {sizes.frames}x{sizes.height}x{sizes.width} clips, "
           f"batch {batch}, device {device}", flush=True)
@@ -564,7 +568,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="training time over which the learning rate decays to 1/10 (default: vae 8, dit 17)")
     parser.add_argument("--kl", type=float, default=3e-5, help="KL weight of the VAE loss")
     parser.add_argument("--save-minutes", type=float, default=2.0, help="minutes between checkpoints")
-    parser.add_argument("--init", help="dit: start from the transformer of an exported model folder")
+    parser.add_argument("--init", help="vae, dit: start from the model in an exported pipeline folder "
+                                       "(e.g. src/vidprune/demo/model) when there is no checkpoint to resume")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, help="data worker processes (default: CPUs - 2, at most 12; 0 on CPU)")
     parser.add_argument("--seed", type=int, default=0)
