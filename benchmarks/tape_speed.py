@@ -95,7 +95,7 @@ def measure_calls(pipe, config, call, steps: int, timer: ForwardTimer) -> dict:
     vidprune.remove(pipe)
     if config is not None:
         vidprune.apply(pipe, config)
-    call(2)  # warm-up
+    call(4)  # warm-up (enough steps for any budget plan)
     timer.take()
     torch.cuda.reset_peak_memory_stats()
     call_s = []
@@ -133,6 +133,8 @@ def main() -> None:
     parser.add_argument("--block-repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--profile", action="store_true", help="also profile a TAPE call by operator")
+    parser.add_argument("--methods", nargs="*", help="only these methods (and unpatched)")
+    parser.add_argument("--name", default="tape_speed", help="output file name stem")
     args = parser.parse_args()
     device = "cuda"
     torch.manual_seed(0)
@@ -197,7 +199,10 @@ def main() -> None:
         f"tape_default_{args.keep}": vidprune.TapeConfig(keep=args.keep),
         f"naive_{args.keep}": vidprune.TapeConfig.naive(args.keep),
         f"random_{args.keep}": vidprune.TapeConfig.random(args.keep),
+        f"tape_reuse_residuals_{args.keep}": vidprune.TapeConfig(keep=args.keep, full_first_steps=1, reuse_residuals=True),
     }
+    if args.methods:
+        methods = {name: config for name, config in methods.items() if name == "unpatched" or name in args.methods}
 
     def call(steps: int):
         return pipe(
@@ -253,9 +258,8 @@ def main() -> None:
     spans = len(config.span_starts(num_layers))
     overhead["spans_per_forward"] = spans
     overhead["per_forward_ms"] = spans * (overhead["select_ms"] + overhead["gather_ms"] + overhead["scatter_ms"])
-    overhead["fraction_of_tape_constant_forward"] = (
-        overhead["per_forward_ms"] / results[f"tape_constant_{args.keep}"]["forward_ms_median"]
-    )
+    reference = results.get(f"tape_constant_{args.keep}", next(iter(results.values())))
+    overhead["fraction_of_tape_constant_forward"] = overhead["per_forward_ms"] / reference["forward_ms_median"]
 
     report = {
         "info": info,
@@ -266,7 +270,7 @@ def main() -> None:
         "schedule_keeps_default": plan_keeps(config, [t / 1000 for t in scheduler.timesteps.tolist()]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"tape_speed_{args.shape}"
+    stem = f"{args.name}_{args.shape}"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (args.out / f"{stem}.md").write_text(markdown(report, args))
     print(markdown(report, args))
