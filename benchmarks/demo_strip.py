@@ -1,0 +1,55 @@
+"""A PNG strip for the README: for a few held-out prompts, frames 0, 8 and 16 of the demo
+model's unpruned video, TAPE at mean keep 0.5, and TAPE with reuse_residuals.
+
+    python benchmarks/demo_strip.py --out benchmarks/results/demo_strip.png
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import vidprune
+from vidprune.demo.data import make_clip
+from vidprune.demo.pipeline import DEFAULT_CALL, load_demo_pipeline
+from vidprune.video_io import to_uint8
+
+CONFIGS = {
+    "unpruned": None,
+    "TAPE keep 0.5": vidprune.TapeConfig(keep=0.5),
+    "TAPE keep 0.5 + reuse_residuals": vidprune.TapeConfig(keep=0.5, full_first_steps=1, reuse_residuals=True),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/demo_strip.png"))
+    args = parser.parse_args()
+    pipe = load_demo_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    for i in range(args.prompts):
+        prompt = make_clip(1000 + i, split="heldout")[1]
+        tiles = []
+        for name, config in CONFIGS.items():
+            vidprune.remove(pipe)
+            if config is not None:
+                vidprune.apply(pipe, config)
+            video = pipe(prompt, generator=torch.Generator().manual_seed(0), output_type="np", **DEFAULT_CALL).frames[0]
+            tiles.append(np.concatenate([to_uint8(video[f]) for f in (0, 8, 16)], axis=1))  # frames side by side
+            print(prompt, "|", name, flush=True)
+        rows.append(np.concatenate(tiles, axis=1))
+    vidprune.remove(pipe)
+    strip = np.concatenate(rows, axis=0)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(strip).save(args.out)
+    print(f"wrote {args.out}: rows = prompts, column groups = {', '.join(CONFIGS)} (frames 0, 8, 16 each)")
+
+
+if __name__ == "__main__":
+    main()
