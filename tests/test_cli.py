@@ -19,6 +19,15 @@ def test_generate_writes_a_video_and_prints_stats(tmp_path, capsys):
     assert len(frames) == 5 and frames[0].shape == (64, 64, 3)
 
 
+def test_generate_with_a_model_folder(tmp_path, capsys):
+    from vidprune.demo.pipeline import MODEL_DIR
+
+    main(["generate", "a red circle", "--model", str(MODEL_DIR), "-o", str(tmp_path / "clip.mp4"), *SMALL])
+    assert f"model: {MODEL_DIR}" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="could not load a diffusers pipeline"):
+        main(["generate", "x", "--model", str(tmp_path / "missing"), "-o", str(tmp_path / "c.mp4"), *SMALL])
+
+
 def test_generate_unpruned(tmp_path, capsys):
     main(["generate", "a blue square", "--method", "none", "-o", str(tmp_path / "clip.gif"), *SMALL])
     assert "FLOPs saved" not in capsys.readouterr().out

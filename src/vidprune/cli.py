@@ -38,13 +38,18 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype, video_to_v
         print(f"model: vidprune's demo Wan pipeline ({MODEL_DIR}), a small model trained on procedural clips: "
               "a test bed, not a product model")
         pipe = load_demo_pipeline()
+    elif _is_demo_folder(model):  # a demo model retrained with vidprune.demo.train: no text encoder inside
+        from .demo.pipeline import load_demo_pipeline
+
+        pipe = load_demo_pipeline(model)
     else:
         from diffusers import DiffusionPipeline
 
         try:
-            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+            pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
         except (OSError, ValueError) as error:
             raise SystemExit(f"vidprune: could not load a diffusers pipeline from {model!r}: {error}") from error
+    if model is not None:
         print(f"model: {model} ({type(pipe).__name__})")
     if video_to_video and type(pipe).__name__ != "WanVideoToVideoPipeline":
         from diffusers import WanVideoToVideoPipeline
@@ -52,6 +57,15 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype, video_to_v
         pipe = WanVideoToVideoPipeline.from_pipe(pipe)
     pipe = pipe.to(device)
     return pipe if dtype == pipe.transformer.dtype else pipe.to(dtype=dtype)
+
+
+def _is_demo_folder(model: str) -> bool:
+    """A local pipeline folder saved without its text encoder, as vidprune's demo model is."""
+    import json
+    from pathlib import Path
+
+    index = Path(model) / "model_index.json"
+    return index.is_file() and json.loads(index.read_text()).get("text_encoder", [None])[0] is None
 
 
 def _device(requested: str | None) -> tuple[str, torch.dtype]:
@@ -63,7 +77,7 @@ def call_settings(args: argparse.Namespace) -> dict:
     """Steps, guidance and text length: the demo model's own when it is used, else the
     command's defaults."""
     settings = dict(num_inference_steps=args.steps or 25, guidance_scale=args.guidance)
-    if args.model is None:
+    if args.model is None or _is_demo_folder(args.model):
         from .demo.pipeline import DEFAULT_CALL
 
         settings.update(max_sequence_length=DEFAULT_CALL["max_sequence_length"],
