@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -61,9 +63,6 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype, video_to_v
 
 def _is_demo_folder(model: str) -> bool:
     """A local pipeline folder saved without its text encoder, as vidprune's demo model is."""
-    import json
-    from pathlib import Path
-
     index = Path(model) / "model_index.json"
     return index.is_file() and json.loads(index.read_text()).get("text_encoder", [None])[0] is None
 

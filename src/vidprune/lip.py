@@ -135,7 +135,7 @@ class LipPruner(TokenPruner):
         duplicates come from the current step)."""
         if self.config.kv_source != "clean":
             return None, None
-        return self.state.clean[self._text_key(self.state.current)][layer]
+        return self.state.clean[self.state.current.branch][layer]
 
     # -- helpers ------------------------------------------------------------------------
     def _plan(self, grid: TokenGrid, device: torch.device) -> LipPlan:
@@ -169,13 +169,10 @@ class LipPruner(TokenPruner):
             )
         return keep_mask(source, self.adapter.patch_size(self.transformer), self.config.detection)
 
-    def _text_key(self, current: ForwardState) -> int:
-        return current.inputs["encoder_hidden_states"].data_ptr()
-
     def _clean_pass(self, current: ForwardState) -> None:
         """Run the clean source latents at t = 0 once per call and text, recording every
         layer's keys and values of the kept tokens (the processors do the recording)."""
-        state, key = self.state, self._text_key(current)
+        state, key = self.state, current.branch
         if key in state.clean:
             return
         source = state.source_latents()

@@ -54,6 +54,12 @@ class ForwardState:
     token_inputs: dict[str, Any] = field(default_factory=dict)
     scratch: dict[str, Any] = field(default_factory=dict)  # a method's per-forward caches
 
+    @property
+    def branch(self) -> int:
+        """Which guidance branch this forward belongs to: the pipelines pass the same text
+        embedding tensor to every step of a branch (conditional or unconditional)."""
+        return self.inputs["encoder_hidden_states"].data_ptr()
+
 
 class CallState:
     """State of one pipeline call; `reset` at the start of each call."""

@@ -26,7 +26,7 @@ class TapeState(CallState):
         # (sigma, batch, {span start: index}) of the last forward, for its CFG partner call.
         self.last_selections: tuple[float, int, dict[int, torch.Tensor]] | None = None
         self._queries: dict[tuple[TokenGrid, torch.device], torch.Tensor] = {}
-        # (text, span start) -> last span residual of every token, with reuse_residuals
+        # (guidance branch, span start) -> last span residual of every token, with reuse_residuals
         self.residuals: dict[tuple[int, int], torch.Tensor] = {}
 
     def step_and_keep(self, sigma: float) -> tuple[int | None, float]:
@@ -97,7 +97,7 @@ class TapePruner(TokenPruner):
     def finish_span(self, span: Span, span_input: torch.Tensor, index: torch.Tensor, kept_output: torch.Tensor) -> torch.Tensor:
         if not self.config.reuse_residuals:
             return super().finish_span(span, span_input, index, kept_output)
-        key = (self.state.current.inputs["encoder_hidden_states"].data_ptr(), span.start)
+        key = (self.state.current.branch, span.start)
         cached = self.state.residuals.get(key)
         base = span_input if cached is None else span_input + cached
         output = scatter_tokens(base, index, kept_output)
