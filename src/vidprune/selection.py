@@ -57,12 +57,13 @@ def select_global(scores: torch.Tensor, grid: TokenGrid, keep: float) -> torch.T
 
 def adjacent_frame_iou(index: torch.Tensor, grid: TokenGrid) -> float:
     """Mean intersection-over-union of the kept positions of adjacent frames, over the batch:
-    1 means the selection does not jitter at all. index: (batch, kept) token indices."""
+    1 means the selection does not jitter at all (two frames keeping nothing count as equal).
+    index: (batch, kept) token indices."""
     if grid.frames < 2:
         return 1.0
     mask = torch.zeros(index.shape[0], grid.size, dtype=torch.bool, device=index.device)
     mask.scatter_(1, index, True)
     mask = mask.view(-1, grid.frames, grid.per_frame)
     inter = (mask[:, 1:] & mask[:, :-1]).sum(dim=2).float()
-    union = (mask[:, 1:] | mask[:, :-1]).sum(dim=2).float().clamp(min=1)
-    return (inter / union).mean().item()
+    union = (mask[:, 1:] | mask[:, :-1]).sum(dim=2).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), 1.0).mean().item()
