@@ -75,8 +75,11 @@ def apply(target: Any, config: TapeConfig | LipConfig) -> Any:
     """Prune the transformer(s) of a diffusers pipeline, or a bare transformer, per `config`:
     TapeConfig for generation, LipConfig for video-to-video editing.
 
-    Applying again replaces the earlier patch. Returns `target`. Apply diffusers caches before
-    vidprune so that vidprune's block hooks wrap theirs.
+    Applying again replaces the earlier patch. Returns `target`. Step caches that skip whole
+    blocks (diffusers' FirstBlockCache, MagCache) stack with TAPE: enable them after this call
+    and disable them before `remove`. Caches that reuse per-token attention or FFN outputs
+    across steps (PyramidAttentionBroadcast, FasterCache, TaylorSeer) do not compose with a
+    selection that changes between steps.
     """
     transformers = _check_target(target, config)  # raises before anything is changed
     remove(target)

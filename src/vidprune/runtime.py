@@ -251,7 +251,15 @@ def attach(pruner: TokenPruner) -> TokenPruner:
 
 
 def detach(transformer: torch.nn.Module) -> None:
-    """Remove vidprune's hooks from `transformer` (and its blocks), if any."""
+    """Remove vidprune's hooks from `transformer` (and its blocks), if any. Hooks registered
+    after vidprune's (a diffusers cache enabled after vidprune.apply) must go first: diffusers
+    cannot unlink a hook from the middle of a chain."""
+    for module in transformer.modules():
+        order = getattr(getattr(module, "_diffusers_hook", None), "_hook_order", [])
+        if HOOK_NAME in order and order[-1] != HOOK_NAME:
+            later = ", ".join(order[order.index(HOOK_NAME) + 1:])
+            raise ValueError(f"hooks registered after vidprune's ({later}) must be removed first: call "
+                             "transformer.disable_cache() (or remove those hooks) before vidprune.remove or apply")
     registry = getattr(transformer, "_diffusers_hook", None)
     if registry is not None:
         registry.remove_hook(HOOK_NAME, recurse=True)

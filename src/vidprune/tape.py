@@ -78,7 +78,9 @@ class TapePruner(TokenPruner):
     def select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor:
         if self.keep_all:
             return torch.arange(self.state.current.grid.size, device=inputs["hidden_states"].device).unsqueeze(0)
-        if self.reused is not None:
+        # A cache (FirstBlockCache, MagCache) can skip this span in the step's first call: then
+        # there is nothing to share and this call selects afresh.
+        if self.reused is not None and span.start in self.reused:
             return self.reused[span.start]
         current, config = self.state.current, self.config
         hidden_states, grid = inputs["hidden_states"], current.grid
