@@ -19,7 +19,7 @@ from diffusers import WanVideoToVideoPipeline
 from PIL import Image
 
 import vidprune
-from vidprune.demo.data import make_clip
+from vidprune.bench import edit_sources
 from vidprune.demo.pipeline import DEFAULT_CALL, load_demo_pipeline
 from vidprune.metrics import flicker, psnr
 
@@ -42,11 +42,7 @@ def main() -> None:
     }
     call = {k: v for k, v in DEFAULT_CALL.items() if k != "num_frames"}
     rows: dict[str, list[dict]] = {name: [] for name in ["unpruned", *variants]}
-    still = (clip for clip in map(make_clip, range(2000, 3000)) if "camera is still" in clip[1])  # LIP's setting
-    for _ in range(args.clips):
-        source, caption, _ = next(still)
-        words = caption.split()
-        prompt = " ".join(["a", "red" if words[1] == "white" else "white", *words[2:]])  # the main colour changed
+    for source, prompt in edit_sources(args.clips):  # still-camera clips (LIP's setting), main colour changed
         video = [Image.fromarray(frame) for frame in source]
 
         def edit():

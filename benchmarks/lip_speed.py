@@ -18,12 +18,13 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import UniPCMultistepScheduler, WanVideoToVideoPipeline
+from diffusers import WanVideoToVideoPipeline
 
 import vidprune
+from vidprune.bench import ForwardTimer, build_random_pipeline
 from vidprune.interframe import keep_mask, prune_report
 
-from tape_speed import ForwardTimer, build_transformer, measure_calls
+from tape_speed import measure_calls
 
 
 def main() -> None:
@@ -38,10 +39,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     source = torch.load(args.latents, map_location="cpu").to(device=device, dtype=torch.float32)  # (1, 16, F, H, W)
-    transformer = build_transformer("1.3b", device)
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    pipe = WanVideoToVideoPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler,
-                                   transformer=transformer)
+    pipe = build_random_pipeline("1.3b", device, pipeline=WanVideoToVideoPipeline)
+    transformer, scheduler = pipe.transformer, pipe.scheduler
     pipe.set_progress_bar_config(disable=True)
     prompt_embeds = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
     negative_embeds = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)

@@ -10,12 +10,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from vidprune.adapters import adapter_for
+from vidprune.bench import build_transformer
 from vidprune.importance import attention_received, sample_queries
 from vidprune.runtime import bind_arguments
 from vidprune.selection import select_per_frame, smooth_over_time
 from vidprune.tokens import TokenGrid
-
-from tape_speed import build_transformer
 
 
 def main() -> None:

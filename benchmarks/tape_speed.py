@@ -22,30 +22,15 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
 import vidprune
 from vidprune.adapters import adapter_for
+from vidprune.bench import SHAPES, ForwardTimer, build_random_pipeline
 from vidprune.importance import attention_received, sample_queries
 from vidprune.runtime import bind_arguments
 from vidprune.schedule import plan_keeps
 from vidprune.selection import kept_per_frame, select_per_frame, smooth_over_time
 from vidprune.tokens import TokenGrid, scatter_tokens
-
-SHAPES = {
-    "1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
-    "14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
-}
-
-
-def build_transformer(shape: str, device: str) -> WanTransformer3DModel:
-    with torch.device(device):
-        model = WanTransformer3DModel(
-            patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
-            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, **SHAPES[shape],
-        )
-    return model.to(torch.bfloat16).eval()
-
 
 def cuda_time(fn, repeats: int, warmup: int = 2) -> list[float]:
     """Milliseconds of each of `repeats` runs of fn, after warm-up, timed with CUDA events."""
@@ -60,33 +45,6 @@ def cuda_time(fn, repeats: int, warmup: int = 2) -> list[float]:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return times
-
-
-class ForwardTimer:
-    """CUDA-event times of every transformer forward (torch hooks wrap the diffusers hooks)."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.events: list[list[torch.cuda.Event]] = []
-        self.open: list[int] = []  # forwards begun and not ended (a forward may run another inside)
-        module.register_forward_pre_hook(self._start)
-        module.register_forward_hook(self._end)
-
-    def _start(self, module, args):
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        self.open.append(len(self.events))
-        self.events.append([event])
-
-    def _end(self, module, args, output):
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        self.events[self.open.pop()].append(event)
-
-    def take(self) -> list[float]:
-        torch.cuda.synchronize()
-        times = [start.elapsed_time(end) for start, end in self.events]
-        self.events = []
-        return times
 
 
 def measure_calls(pipe, config, call, steps: int, timer: ForwardTimer) -> dict:
@@ -139,11 +97,10 @@ def main() -> None:
     device = "cuda"
     torch.manual_seed(0)
 
-    transformer = build_transformer(args.shape, device)
-    adapter = adapter_for(transformer)
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
+    pipe = build_random_pipeline(args.shape, device)
     pipe.set_progress_bar_config(disable=True)
+    transformer, scheduler = pipe.transformer, pipe.scheduler
+    adapter = adapter_for(transformer)
     latent_frames = (args.frames - 1) // 4 + 1
     latents_shape = (1, 16, latent_frames, args.height // 8, args.width // 8)
     grid = TokenGrid(latent_frames, args.height // 16, args.width // 16)

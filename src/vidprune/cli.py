@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,18 @@ from typing import Sequence
 
 import torch
 
+from .bench import (
+    RANDOM_MODELS,
+    Options,
+    accepted_names,
+    build_random_pipeline,
+    default_methods,
+    markdown,
+    parse_methods,
+    pyplot,
+    run_bench,
+    write_report,
+)
 from .config import LipConfig, TapeConfig
 from .interframe import LipDetection
 from .patch import apply, remove, stats
@@ -168,6 +181,38 @@ def edit(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def bench(args: argparse.Namespace) -> None:
+    random_shape = RANDOM_MODELS.get(args.model)
+    fidelity = random_shape is None
+    methods = parse_methods(args.methods or default_methods(not fidelity), random_weights=not fidelity)
+    args.methods = [method.name for method in methods[1:]]  # the recorded command names them all
+    counts = dict(prompts=16, seeds=2, repeats=1) if fidelity else dict(prompts=1, seeds=1, repeats=2)
+    counts = {key: count if getattr(args, key) is None else getattr(args, key) for key, count in counts.items()}
+    options = Options(clips=args.clips, warmup=args.warmup, strength=args.strength, random_weights=not fidelity,
+                      **counts)
+    pyplot()  # the plot's dependency, before the long run
+    device, dtype = _device(args.device)
+    if fidelity:
+        pipe = load_pipeline(args.model, device, dtype)
+        call = call_settings(args)
+    else:
+        print(f"model: {args.model}, a Wan2.1-shaped transformer ({random_shape}) with random weights in {dtype}: "
+              "real speed, no fidelity")
+        pipe = build_random_pipeline(random_shape, device, dtype)
+        call = dict(num_inference_steps=args.steps or 20, guidance_scale=args.guidance)
+    demo = args.model is None or _is_demo_folder(args.model)
+    call.update(num_frames=args.frames or (17 if demo else 81), height=args.height or (128 if demo else 480),
+                width=args.width or (128 if demo else 832))
+    words = ["vidprune", "bench"]
+    for key, value in vars(args).items():
+        if key not in ("command", "run") and value is not None:
+            words += [f"--{key.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
+    report = run_bench(pipe, methods, call, options, args.model or "vidprune's demo model", shlex.join(words))
+    print(markdown(report))
+    for path in write_report(report, Path(args.out)):
+        print(f"wrote {path}")
+
+
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="local folder or hub id of a diffusers Wan pipeline (default: demo pipeline)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the demo model's 25, else 25)")
@@ -210,6 +255,33 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("-o", "--output", default="edited.mp4", help=".mp4 or .gif file to write")
     _common_arguments(ed)
     ed.set_defaults(run=edit)
+
+    be = commands.add_parser(
+        "bench", help="methods and diffusers' caches side by side: speed, fidelity, table and plot",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Runs the methods side by side in one process on one pipeline, prompts and seeds, after "
+                    "warm-up; writes bench.json, bench.md and bench.png to --out. Method names (NAME, NAME:VALUE, "
+                    "or PRUNING+CACHE such as tape:0.5+fbc:0.1; unpruned always runs first, as the reference):\n"
+                    + accepted_names(),
+    )
+    be.add_argument("--methods", nargs="+", metavar="METHOD",
+                    help="methods to run (default: all of the issue's list for the model)")
+    be.add_argument("--model", help="local folder or hub id of a diffusers Wan pipeline, or a random-weight Wan2.1 "
+                    f"transformer for speed only: {', '.join(RANDOM_MODELS)} (default: the demo pipeline)")
+    be.add_argument("--prompts", type=int, help="text-to-video prompts (default 16; 1 on random weights)")
+    be.add_argument("--seeds", type=int, help="seeds per prompt or clip (default 2; 1 on random weights)")
+    be.add_argument("--clips", type=int, default=6, help="source clips to edit, when editing methods run")
+    be.add_argument("--repeats", type=int, help="timed calls per method and input (default 1; 2 on random weights)")
+    be.add_argument("--warmup", type=int, default=1, help="untimed calls per method before timing")
+    be.add_argument("--strength", type=float, default=0.7, help="editing strength")
+    be.add_argument("--frames", type=int, help="video frames (default: 17 for the demo model, else 81)")
+    be.add_argument("--height", type=int, help="default: 128 for the demo model, else 480")
+    be.add_argument("--width", type=int, help="default: 128 for the demo model, else 832")
+    be.add_argument("--steps", type=int, help="denoising steps (default: the demo model's 25; 20 on random weights)")
+    be.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    be.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    be.add_argument("--out", default="out/bench", help="folder for bench.json, bench.md and bench.png")
+    be.set_defaults(run=bench)
     return parser
 
 
