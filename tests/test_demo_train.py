@@ -127,3 +127,23 @@ def test_quality_benchmark_runs(folders, tmp_path):
     assert result["prompts"] == 2 and len(result["per_prompt"]) == 2
     assert result["real_clips"]["colour_accuracy"] == 1.0  # the measurement itself reads real clips right
     assert (tmp_path / "demo_quality.json").exists() and (tmp_path / "demo_quality.md").exists()
+
+
+def test_static_latent_mask_marks_cells_still_over_both_latent_frames():
+    video = torch.zeros(1, 3, 9, 16, 16)  # 9 frames -> latent frames {0}, {1..4}, {5..8}
+    video[:, :, 6:, 0:4, 8:12] = 1.0  # a block appears at frame 6, inside latent frame 2's frames
+    static = train.static_latent_mask(video)
+    assert static.shape == (1, 2, 4, 4)
+    assert static[0, 0].all()  # latent frames 0 and 1 see no change anywhere
+    assert not static[0, 1, 0, 2] and static[0, 1].sum() == 15  # only the block's cell changes
+
+
+def test_static_latent_change_is_zero_for_repeated_latents_and_grows_with_change():
+    mean = torch.randn(2, 16, 1, 4, 4).repeat(1, 1, 3, 1, 1)
+    static = torch.ones(2, 2, 4, 4, dtype=torch.bool)
+    assert train.static_latent_change(mean, static) == 0
+    changed = mean.clone()
+    changed[:, :, 2] += 1.0
+    assert train.static_latent_change(changed, static) > 0
+    static[:, 1] = False  # the changed pair is not static: it is ignored
+    assert train.static_latent_change(changed, static) == 0

@@ -294,31 +294,58 @@ def setup_device(name: str) -> torch.device:
 # --------------------------------------------------------------------------------- vae
 
 
-def vae_loss(recon: torch.Tensor, x: torch.Tensor, posterior, kl_weight: float) -> torch.Tensor:
+def static_latent_mask(x: torch.Tensor, tolerance: float = 2 / 127.5) -> torch.Tensor:
+    """(B, T-1, h, w): True where latent frames t-1 and t of the VAE cover pixels that do not
+    change (by more than `tolerance`, in [-1, 1] units) over all the frames the two encode.
+    Latent frame 0 encodes frame 0, latent frame t >= 1 frames 4t-3..4t, and a latent cell
+    covers a 4x4 pixel block."""
+    change = x.diff(dim=2).abs().amax(dim=1)  # (B, F-1, H, W): frame f -> f + 1 at index f
+    change = F.max_pool2d(change, 4)
+    latent_frames = (x.shape[2] - 1) // 4 + 1
+    pairs = [change[:, max(0, 4 * t - 7): 4 * t].amax(dim=1) for t in range(1, latent_frames)]
+    return torch.stack(pairs, dim=1) < tolerance
+
+
+def static_latent_change(mean: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
+    """Mean absolute change between consecutive latent frames over static cells, in units of
+    each channel's spread in the batch: what LIP's duplicate detection sees on still content."""
+    scale = mean.detach().transpose(0, 1).flatten(1).std(dim=1).clamp_min(1e-3).view(1, -1, 1, 1, 1)
+    change = (mean.diff(dim=2) / scale).abs().mean(dim=1)  # (B, T-1, h, w)
+    return (change * static).sum() / static.sum().clamp_min(1)
+
+
+def vae_loss(recon: torch.Tensor, x: torch.Tensor, posterior, kl_weight: float,
+             static_weight: float) -> torch.Tensor:
     """L1, plus L1 of frame-to-frame differences (keeps motion and still backgrounds faithful),
-    plus a small KL to N(0, 1) that keeps the latents bounded and smooth for the DiT."""
+    plus a small KL to N(0, 1) that keeps the latents bounded and smooth for the DiT, plus the
+    latent change over still content (LIP prunes tokens whose latent repeats the previous
+    frame's: still content must encode to the same latent in every latent frame)."""
     l1 = (recon - x).abs().mean()
     motion = (recon.diff(dim=2) - x.diff(dim=2)).abs().mean()
     mean, logvar = posterior.mean.float(), posterior.logvar.float()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-    return l1 + 0.5 * motion + kl_weight * kl
+    still = static_latent_change(mean, static_latent_mask(x))
+    return l1 + 0.5 * motion + kl_weight * kl + static_weight * still
 
 
 @torch.no_grad()
 def latent_statistics(vae: AutoencoderKLWan, batches, clips: int,
-                      device: torch.device) -> tuple[list[float], list[float], float]:
-    """Per-channel mean and std of the posterior means over `clips` clips, and the mean
-    reconstruction PSNR (dB, pixels in [0, 1]) of those clips."""
+                      device: torch.device) -> tuple[list[float], list[float], float, float]:
+    """Per-channel mean and std of the posterior means over `clips` clips, the mean
+    reconstruction PSNR (dB, pixels in [0, 1]) of those clips, and their static latent change
+    (static_latent_change, in units of the measured per-channel std)."""
     vae.eval()
     total = torch.zeros(LATENT_CHANNELS, dtype=torch.float64)
     squares = torch.zeros(LATENT_CHANNELS, dtype=torch.float64)
-    count, seen, psnr = 0, 0, []
+    count, seen, psnr, latents, masks = 0, 0, [], [], []
     while seen < clips:
         video, _ = next(batches)
         x = to_model_input(video.to(device))
         with autocast(device):
             z = vae.encode(x).latent_dist.mode()
             recon = vae.decode(z).sample
+        latents.append(z.float().cpu())
+        masks.append(static_latent_mask(x).cpu())
         z = z.float().transpose(0, 1).reshape(LATENT_CHANNELS, -1).double().cpu()
         total += z.sum(dim=1)
         squares += z.pow(2).sum(dim=1)
@@ -328,7 +355,10 @@ def latent_statistics(vae: AutoencoderKLWan, batches, clips: int,
         seen += len(video)
     mean = total / count
     std = (squares / count - mean.pow(2)).clamp_min(1e-6).sqrt()
-    return mean.tolist(), std.tolist(), float(np.mean(psnr))
+    normalised = (torch.cat(latents) - mean.float().view(1, -1, 1, 1, 1)) / std.float().view(1, -1, 1, 1, 1)
+    static = torch.cat(masks)
+    change = (normalised.diff(dim=2).abs().mean(dim=1) * static).sum() / static.sum().clamp_min(1)
+    return mean.tolist(), std.tolist(), float(np.mean(psnr)), float(change)
 
 
 def train_vae(args: argparse.Namespace) -> None:
@@ -363,19 +393,20 @@ def train_vae(args: argparse.Namespace) -> None:
         with autocast(device):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample
-        run.optimize(vae_loss(recon.float(), x, posterior, args.kl), vae, optimizer)
+        run.optimize(vae_loss(recon.float(), x, posterior, args.kl, args.static), vae, optimizer)
         run.tick(save, batch)
     save()
 
     # WanPipeline un-normalises the latents it generates with latents_mean/std of the VAE config.
     stats_batches = clip_batches(sizes, batch, args.workers, args.seed + 1, 0, device)
-    mean, std, psnr = latent_statistics(vae, stats_batches, sizes.stats_clips, device)
+    mean, std, psnr, still = latent_statistics(vae, stats_batches, sizes.stats_clips, device)
     final = copy.deepcopy(vae).cpu().half()
     final.register_to_config(latents_mean=mean, latents_std=std)
     final.save_pretrained(run.out / "vae")
     run.save(dict(model=vae.state_dict(), optimizer=optimizer.state_dict()),
-             extra=dict(psnr_db=psnr, latents_mean=mean, latents_std=std))
+             extra=dict(psnr_db=psnr, static_latent_change=still, latents_mean=mean, latents_std=std))
     print(f"[vae] wrote {run.out / 'vae'}: reconstruction PSNR {psnr:.2f} dB on {sizes.stats_clips} clips, "
+          f"static latent change {still:.3f}, "
           f"latent std {min(std):.3f}..{max(std):.3f}", flush=True)
 
 
@@ -460,7 +491,7 @@ def train_dit(args: argparse.Namespace) -> None:
           f"{sizes.frames}x{sizes.height}x{sizes.width} clips, batch {batch}, pool {sizes.pool}, device {device}",
           flush=True)
 
-    batches = clip_batches(sizes, sizes.refresh, args.workers, args.seed, run.runs, device)
+    batches = clip_batches(sizes, args.refresh or sizes.refresh, args.workers, args.seed, run.runs, device)
 
     def add_clips() -> None:
         video, captions = next(batches)
@@ -563,10 +594,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="stop after this much wall time from the command's start (default 8 unless --steps)")
     parser.add_argument("--steps", type=int, help="stop at this total step count (counting earlier runs)")
     parser.add_argument("--batch", type=int, help="clips per step (default: vae 16, dit 128)")
+    parser.add_argument("--refresh", type=int,
+                        help="dit: new clips encoded into the latent pool per step (default 16)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: vae 2e-4, dit 3e-4)")
     parser.add_argument("--decay-minutes", type=float,
                         help="training time over which the learning rate decays to 1/10 (default: vae 8, dit 17)")
     parser.add_argument("--kl", type=float, default=3e-5, help="KL weight of the VAE loss")
+    parser.add_argument("--static", type=float, default=0.1,
+                        help="weight of the VAE's latent change over still content (keeps still content's latents "
+                             "equal across latent frames, as LIP's detection assumes)")
     parser.add_argument("--save-minutes", type=float, default=2.0, help="minutes between checkpoints")
     parser.add_argument("--init", help="vae, dit: start from the model in an exported pipeline folder "
                                        "(e.g. src/vidprune/demo/model) when there is no checkpoint to resume")
