@@ -151,6 +151,7 @@ _CALL_COUNTER_NOTE = ("pab, faster: diffusers calls Wan's two CFG branches one a
 KINDS = {
     "unpruned": Kind("reference", "generate", "", None, "the unpatched pipeline: the reference"),
     "tape": Kind("pruning", "generate", "KEEP", 0.5, "TAPE, mean keep {v}"),
+    "tape-reuse": Kind("pruning", "generate", "KEEP", 0.5, "TAPE reusing pruned tokens' span residuals, mean keep {v}"),
     "tape-nosmooth": Kind("pruning", "generate", "KEEP", 0.5, "TAPE without temporal smoothing, mean keep {v}"),
     "tape-noreselect": Kind("pruning", "generate", "KEEP", 0.5, "TAPE with one selection, mean keep {v}"),
     "tape-noschedule": Kind("pruning", "generate", "KEEP", 0.5, "TAPE with a constant budget, keep {v}"),
@@ -185,7 +186,7 @@ KINDS = {
                "faster: is_guidance_distilled=True, because its CFG cache needs both branches in one batch, which "
                "Wan's pipelines never pass; what remains is its attention extrapolation (weight 0.5).")),
 }
-TAPE_KINDS = ("tape", "tape-nosmooth", "tape-noreselect", "tape-noschedule", "naive", "random")
+TAPE_KINDS = ("tape", "tape-reuse", "tape-nosmooth", "tape-noreselect", "tape-noschedule", "naive", "random")
 STACKABLE = ("fbc", "fbc-fixed", "mag", "mag-fixed")  # caches that compose with vidprune (module docstring)
 TAYLOR_MODULES = r"blocks\.\d+\.(attn1|attn2|ffn)"
 STACK_NOTE = ("stacks (PRUNING+CACHE): vidprune applied first, the cache enabled after, removed in reverse order; "
@@ -303,7 +304,8 @@ def default_methods(random_weights: bool) -> list[str]:
     fbc, mag = (["fbc-fixed:2", "fbc-fixed:3"], ["mag-fixed:1", "mag-fixed:3"]) if random_weights else (
         ["fbc:0.05", "fbc:0.1", "fbc:0.2"], ["mag:0.06", "mag:0.12", "mag:0.24"])
     return [
-        "tape:0.3", "tape:0.5", "tape:0.7", "tape-nosmooth:0.5", "tape-noreselect:0.5", "tape-noschedule:0.5",
+        "tape:0.3", "tape:0.5", "tape:0.7", "tape-reuse:0.5", "tape-nosmooth:0.5", "tape-noreselect:0.5",
+        "tape-noschedule:0.5",
         "naive:0.5", "random:0.5", *fbc, *mag, "taylor:3", "taylor:5", "pab:2", "pab:3", "faster:2", "faster:3",
         f"tape:0.5+{fbc[0]}", f"tape:0.5+{mag[0]}", "lip:0.4", "lip-noar:0.4",
     ]
@@ -326,6 +328,7 @@ def tape_config(kind: str, keep: float) -> TapeConfig:
     tape = TapeConfig(keep=keep, record_selections=True)
     return {
         "tape": tape,
+        "tape-reuse": tape.with_(full_first_steps=1, reuse_residuals=True),
         "tape-nosmooth": tape.with_(temporal_sigma=0.0),
         "tape-noreselect": tape.with_(reselect_every=0),
         "tape-noschedule": tape.with_(schedule="constant"),
