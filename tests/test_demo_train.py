@@ -39,7 +39,10 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     saved["dit_second"] = torch.load(dit / "checkpoint.pt", weights_only=True)
     train.main(["dit", "--tiny", "--vae", str(vae), "--out", str(dit), "--minutes", "0"])  # stops at once
     train.main(["export", "--vae", str(vae), "--dit", str(dit), "--out", str(model)])
-    return dict(vae=vae, dit=dit, model=model, saved=saved)
+    # The VAE of an exported model, reused as it is (a DiT trained on with --vae MODEL).
+    reexported = root / "reexported"
+    train.main(["export", "--vae", str(model), "--dit", str(dit), "--out", str(reexported)])
+    return dict(vae=vae, dit=dit, model=model, reexported=reexported, saved=saved)
 
 
 def test_training_resumes_from_its_checkpoint(folders):
@@ -57,6 +60,12 @@ def test_training_resumes_from_its_checkpoint(folders):
         assert all(torch.equal(before[key][name], dit[key][name]) for name in before[key])
     curve = json.loads((folders["dit"] / "curve.json").read_text())
     assert curve["step"] == 3 and len(curve["points"]) == 3
+
+
+def test_export_of_an_exported_vae_keeps_its_training_curve(folders):
+    curves = json.loads((folders["model"] / "training_curves.json").read_text())
+    assert curves["vae"]["points"] and curves["dit"]["points"]
+    assert json.loads((folders["reexported"] / "training_curves.json").read_text()) == curves
 
 
 def test_vae_stores_latent_statistics(folders):

@@ -548,6 +548,18 @@ def _curve_points(folder: Path, limit: int = 400) -> dict:
     return dict(curve, points=[[int(points[i][0]), round(points[i][1], 6), points[i][2]] for i in keep] if points else [])
 
 
+def _training_curve(folder: Path, part: str) -> dict:
+    """The loss curve of a training folder, or, when `folder` is an exported pipeline (a VAE
+    reused as it is, say), the curve that folder was exported with."""
+    if (folder / "curve.json").is_file():
+        return _curve_points(folder)
+    exported = folder / "training_curves.json"
+    if exported.is_file():
+        return json.loads(exported.read_text())[part]
+    raise SystemExit(f"{folder} has neither curve.json (a training folder) nor training_curves.json "
+                     "(an exported pipeline): pass the folder `vae`/`dit` trained in, or an exported model")
+
+
 def export(args: argparse.Namespace) -> None:
     if args.vae is None or args.dit is None:
         raise SystemExit("export needs --vae DIR and --dit DIR")
@@ -563,7 +575,7 @@ def export(args: argparse.Namespace) -> None:
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(staging, max_shard_size=SHARD_SIZE)
-    curves = dict(vae=_curve_points(Path(args.vae)), dit=_curve_points(Path(args.dit)))
+    curves = {part: _training_curve(Path(folder), part) for part, folder in (("vae", args.vae), ("dit", args.dit))}
     (staging / "training_curves.json").write_text(json.dumps(curves))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(staging, out)
