@@ -142,3 +142,16 @@ def test_reused_residual_stands_in_for_a_pruned_token():
     # output is exactly its output of the unpruned forward.
     torch.testing.assert_close(outputs[1][0, ~kept], outputs[0][0, ~kept])
     assert not torch.allclose(outputs[1][0, kept], outputs[0][0, kept])
+
+
+def test_second_cfg_call_selects_afresh_when_a_cache_skipped_the_first():
+    """A step cache (FirstBlockCache) may skip the conditional call's blocks: the unconditional
+    call then finds no selection to share for a span and must select its own."""
+    from vidprune.runtime import pruner_of
+
+    model = tiny_transformer()
+    vidprune.apply(model, vidprune.TapeConfig(keep=0.5, first_pruned_layer=1))
+    inputs = transformer_inputs(frames=3, height=8, width=8)
+    first = model(**inputs)[0]
+    pruner_of(model).state.last_selections[2].clear()  # as if the first call never reached a span
+    torch.testing.assert_close(model(**inputs)[0], first, rtol=0, atol=0)
