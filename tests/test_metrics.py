@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from vidprune import metrics
 from vidprune.metrics import (
     ALEXNET_CHECKPOINT,
     fidelity_summary,
@@ -207,7 +208,18 @@ def fake_processor(images: list[np.ndarray], return_tensors: str) -> dict[str, t
     return {"pixel_values": torch.from_numpy(np.stack(images)).double()}
 
 
-def test_learned_metrics_land_in_the_summary_when_weights_are_present(monkeypatch, tmp_path):
+@pytest.fixture
+def fresh_learned_models():
+    """The learned models are loaded once per process: let this test's fakes neither see nor
+    leave a cached model."""
+    metrics._lpips_model.cache_clear()
+    metrics._clip_model.cache_clear()
+    yield
+    metrics._lpips_model.cache_clear()
+    metrics._clip_model.cache_clear()
+
+
+def test_learned_metrics_land_in_the_summary_when_weights_are_present(monkeypatch, tmp_path, fresh_learned_models):
     import transformers
 
     monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=FakeLpips))

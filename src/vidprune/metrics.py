@@ -3,6 +3,7 @@ in [0, 1]."""
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -116,9 +117,24 @@ class _Unavailable(Exception):
     """A learned metric whose package or weights are not on this machine (the message says which)."""
 
 
+@functools.lru_cache(maxsize=1)
+def _lpips_model():
+    import lpips
+
+    return lpips.LPIPS(net="alex", verbose=False).eval()
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_model(path: str):
+    from transformers import AutoImageProcessor, CLIPModel
+
+    return (CLIPModel.from_pretrained(path, local_files_only=True).eval(),
+            AutoImageProcessor.from_pretrained(path, local_files_only=True))
+
+
 def _lpips(a: np.ndarray, b: np.ndarray) -> float:
     try:
-        import lpips
+        import lpips  # noqa: F401  (is it installed? _lpips_model loads it once the weights are found)
     except ImportError as error:
         raise _Unavailable(
             "lpips: package 'lpips' not installed (pip install lpips; it needs its AlexNet weights locally)"
@@ -126,7 +142,7 @@ def _lpips(a: np.ndarray, b: np.ndarray) -> float:
     checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_CHECKPOINT
     if not checkpoint.is_file():
         raise _Unavailable(f"lpips: AlexNet weights not found at {checkpoint} (lpips would download them; vidprune does not)")
-    model = lpips.LPIPS(net="alex", verbose=False).eval()
+    model = _lpips_model()
 
     def image(frame: np.ndarray) -> torch.Tensor:  # (1, 3, H, W) in [0, 1], taken with normalize=True
         return torch.from_numpy(frame).permute(2, 0, 1)[None].float()
@@ -142,10 +158,7 @@ def _clip_similarity(a: np.ndarray, b: np.ndarray, path: str | None) -> float:
         raise _Unavailable("clip_similarity: no local CLIP model (set VIDPRUNE_CLIP_PATH to a CLIP model folder or pass clip_path)")
     if not Path(path).is_dir():
         raise _Unavailable(f"clip_similarity: CLIP model folder {path!r} does not exist")
-    from transformers import AutoImageProcessor, CLIPModel
-
-    model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
-    processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    model, processor = _clip_model(path)
 
     def embed(frames: np.ndarray) -> torch.Tensor:
         pixels = processor(images=list(to_uint8(frames)), return_tensors="pt")["pixel_values"]
