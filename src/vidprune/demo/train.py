@@ -306,10 +306,13 @@ def static_latent_mask(x: torch.Tensor, tolerance: float = 2 / 127.5) -> torch.T
     return torch.stack(pairs, dim=1) < tolerance
 
 
-def static_latent_change(mean: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
+def static_latent_change(mean: torch.Tensor, static: torch.Tensor, std: torch.Tensor | None = None) -> torch.Tensor:
     """Mean absolute change between consecutive latent frames over static cells, in units of
-    each channel's spread in the batch: what LIP's duplicate detection sees on still content."""
-    scale = mean.detach().transpose(0, 1).flatten(1).std(dim=1).clamp_min(1e-3).view(1, -1, 1, 1, 1)
+    each channel's std (default: its spread in this batch): what LIP's duplicate detection sees
+    on still content."""
+    if std is None:
+        std = mean.detach().transpose(0, 1).flatten(1).std(dim=1).clamp_min(1e-3)
+    scale = std.view(1, -1, 1, 1, 1)
     change = (mean.diff(dim=2) / scale).abs().mean(dim=1)  # (B, T-1, h, w)
     return (change * static).sum() / static.sum().clamp_min(1)
 
@@ -355,9 +358,7 @@ def latent_statistics(vae: AutoencoderKLWan, batches, clips: int,
         seen += len(video)
     mean = total / count
     std = (squares / count - mean.pow(2)).clamp_min(1e-6).sqrt()
-    normalised = (torch.cat(latents) - mean.float().view(1, -1, 1, 1, 1)) / std.float().view(1, -1, 1, 1, 1)
-    static = torch.cat(masks)
-    change = (normalised.diff(dim=2).abs().mean(dim=1) * static).sum() / static.sum().clamp_min(1)
+    change = static_latent_change(torch.cat(latents), torch.cat(masks), std.float())
     return mean.tolist(), std.tolist(), float(np.mean(psnr)), float(change)
 
 
