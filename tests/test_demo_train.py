@@ -156,3 +156,12 @@ def test_static_latent_change_is_zero_for_repeated_latents_and_grows_with_change
     assert train.static_latent_change(changed, static) > 0
     static[:, 1] = False  # the changed pair is not static: it is ignored
     assert train.static_latent_change(changed, static) == 0
+
+
+def test_static_latent_mask_spans_the_frames_of_both_latent_frames():
+    video = torch.zeros(1, 3, 9, 16, 16)
+    video[:, :, 2:3, 4:8, 4:8] = 1.0  # a flash at frame 2 only: inside latent frame 1 (frames 1..4)
+    static = train.static_latent_mask(video)
+    # Pair (0, 1) covers frames 0..4 and pair (1, 2) frames 1..8: both see the flash.
+    assert not static[0, 0, 1, 1] and not static[0, 1, 1, 1]
+    assert static[0, :, 0, 0].all()
