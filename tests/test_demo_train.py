@@ -9,12 +9,14 @@ import shutil
 from pathlib import Path
 
 import huggingface_hub
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
 from vidprune.demo import train
 from vidprune.demo.pipeline import DEFAULT_CALL, load_demo_pipeline
+from vidprune.metrics import psnr
 
 TINY_CALL = {**DEFAULT_CALL, "num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 2}
 
@@ -135,7 +137,16 @@ def test_quality_benchmark_runs(folders, tmp_path):
                              "--out", str(tmp_path)])
     assert result["prompts"] == 2 and len(result["per_prompt"]) == 2
     assert result["real_clips"]["colour_accuracy"] == 1.0  # the measurement itself reads real clips right
-    assert (tmp_path / "demo_quality.json").exists() and (tmp_path / "demo_quality.md").exists()
+    assert set(result["vae_clips"]) == set(result["real_clips"])
+    assert "through the VAE" in (tmp_path / "demo_quality.md").read_text()
+    assert (tmp_path / "demo_quality.json").exists()
+
+    # The reconstructions it measures are the VAE's, with the PSNR it reports.
+    pipe = load_demo_pipeline(folders["model"], device="cpu")
+    clip = benchmark.heldout_clips(1, 5, 32, 32, still_single=False)[0][1]
+    (recon, value), = benchmark.reconstruct(pipe, [clip], "cpu", batch=1)
+    assert recon.shape == clip.shape
+    assert value == pytest.approx(psnr(recon, clip.astype(np.float32) / 255), abs=1e-3)
 
 
 def test_static_latent_mask_marks_cells_still_over_both_latent_frames():
@@ -165,3 +176,18 @@ def test_static_latent_mask_spans_the_frames_of_both_latent_frames():
     # Pair (0, 1) covers frames 0..4 and pair (1, 2) frames 1..8: both see the flash.
     assert not static[0, 0, 1, 1] and not static[0, 1, 1, 1]
     assert static[0, :, 0, 0].all()
+
+
+def test_random_crops_are_windows_of_each_video():
+    video = torch.arange(2 * 9 * 32 * 32 * 3).reshape(2, 9, 32, 32, 3)
+    crops = train.random_crops(video, 5, 16, torch.Generator().manual_seed(0))
+    assert crops.shape == (2, 5, 16, 16, 3)
+    for clip, crop in zip(video, crops):
+        first = (crop[0, 0, 0, 0] - clip[0, 0, 0, 0]).item()  # values encode (frame, row, column, channel)
+        t, rest = divmod(first, 32 * 32 * 3)
+        y, x = divmod(rest // 3, 32)
+        assert torch.equal(crop, clip[t:t + 5, y:y + 16, x:x + 16])
+    again = train.random_crops(video, 5, 16, torch.Generator().manual_seed(0))
+    assert torch.equal(crops, again)
+    with pytest.raises(ValueError, match="does not fit"):
+        train.random_crops(video, 13, 16, torch.Generator())

@@ -5,7 +5,8 @@
     python -m vidprune.demo.train export --vae out/vae --dit out/dit --out src/vidprune/demo/model
 
 `vae` trains diffusers' AutoencoderKLWan at 4x temporal and 4x spatial compression (17x128x128
-video -> 16x5x32x32 latents) with L1 + temporal-difference L1 + a small KL term, then measures the
+video -> 16x5x32x32 latents) on random 17x64x64 crops of the clips, with L1 + temporal-difference
+L1 + a small KL term + a still-content latent term, then measures the
 per-channel latent mean/std that WanPipeline normalises latents with and stores them in the VAE
 config. `dit` trains WanTransformer3DModel (patch 1x2x2: 1280 tokens) with the rectified-flow loss
 of Wan (x_s = (1 - s) x0 + s noise, target noise - x0, s logit-normal), on MiniLM caption states
@@ -61,6 +62,7 @@ class Sizes:
     vae: dict  # AutoencoderKLWan arguments besides the fixed 4x/4x compression and z_dim 16
     dit: dict  # WanTransformer3DModel arguments besides the fixed patch, channels and text_dim
     vae_batch: int
+    vae_crop: tuple[int, int]  # the VAE trains on random (frames, side) crops of the clips
     dit_batch: int
     pool: int  # latents kept in memory for the DiT
     refresh: int  # new clips encoded into the pool per DiT step
@@ -75,13 +77,16 @@ FULL = Sizes(
     vae=dict(base_dim=32, dim_mult=[1, 2, 3], num_res_blocks=1),
     # 11.3M parameters (23 MB in fp16): 4 heads of 64, 10 blocks.
     dit=dict(num_attention_heads=4, attention_head_dim=64, ffn_dim=1024, num_layers=10, freq_dim=256),
-    vae_batch=16, dit_batch=128, pool=8192, refresh=16, stats_clips=512, log_every=50,
+    # 64x64 crops cost a quarter of a whole clip: more steps per minute, which the VAE needs to
+    # render small moving shapes sharply. All 17 frames: 5-frame crops trained the first two
+    # latent frames only, and whole clips then reconstructed worse (round4.md).
+    vae_batch=32, vae_crop=(17, 64), dit_batch=128, pool=8192, refresh=16, stats_clips=512, log_every=50,
 )
 TINY = Sizes(
     name="tiny", frames=5, height=32, width=32,
     vae=dict(base_dim=8, dim_mult=[1, 2, 4], num_res_blocks=1),
     dit=dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=2, freq_dim=32),
-    vae_batch=2, dit_batch=4, pool=8, refresh=2, stats_clips=4, log_every=1,
+    vae_batch=2, vae_crop=(5, 16), dit_batch=4, pool=8, refresh=2, stats_clips=4, log_every=1,
 )
 
 
@@ -136,6 +141,18 @@ def clip_batches(sizes: Sizes, batch: int, workers: int, seed: int, run: int,
 def to_model_input(video: torch.Tensor) -> torch.Tensor:
     """uint8 (B, F, H, W, 3) -> float (B, 3, F, H, W) in [-1, 1], the VAE's input."""
     return video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+
+
+def random_crops(video: torch.Tensor, frames: int, side: int, generator: torch.Generator) -> torch.Tensor:
+    """A random (frames, side, side) window of each video (B, F, H, W, C): the VAE is
+    convolutional, so it learns from crops what it applies to whole clips."""
+    b, f, h, w, _ = video.shape
+    if frames > f or side > min(h, w):
+        raise ValueError(f"crop {frames}x{side}x{side} does not fit clips of {f}x{h}x{w}")
+    starts = [torch.randint(n - size + 1, (b,), generator=generator).tolist()
+              for n, size in ((f, frames), (h, side), (w, side))]
+    return torch.stack([video[i, t:t + frames, y:y + side, x:x + side]
+                        for i, (t, y, x) in enumerate(zip(*starts))])
 
 
 def autocast(device: torch.device):
@@ -285,6 +302,9 @@ def make_run(args: argparse.Namespace, mode: str, sizes: Sizes) -> Run:
 def setup_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
+        # The data workers keep most cores busy; a full-width CPU thread pool in this process
+        # would spin against them on every CPU op.
+        torch.set_num_threads(2)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest 3D convolutions
@@ -379,9 +399,11 @@ def train_vae(args: argparse.Namespace) -> None:
         vae.load_state_dict(initial.float().state_dict())
         print(f"[vae] initialised from {args.init}", flush=True)
     batch = args.batch or sizes.vae_batch
+    crop = tuple(args.crop) if args.crop else sizes.vae_crop
     print(f"[vae] {parameter_count(vae) / 1e6:.2f}M parameters, {sizes.frames}x{sizes.height}x{sizes.width} clips, "
-          f"batch {batch}, device {device}", flush=True)
+          f"batch {batch} crops of {crop[0]}x{crop[1]}x{crop[1]}, device {device}", flush=True)
     batches = clip_batches(sizes, batch, args.workers, args.seed, run.runs, device)
+    crops = torch.Generator().manual_seed(args.seed + 1000 * run.runs)
 
     def save() -> None:
         run.save(dict(model=vae.state_dict(), optimizer=optimizer.state_dict()))
@@ -389,8 +411,9 @@ def train_vae(args: argparse.Namespace) -> None:
     vae.train()
     run.begin()
     while not run.done():
-        video, _ = next(batches)
-        x = to_model_input(video.to(device, non_blocking=True))
+        video = next(batches)[0].to(device, non_blocking=True)
+        video = random_crops(video, *crop, crops)  # on the device: the CPUs are busy making clips
+        x = to_model_input(video)
         with autocast(device):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample
@@ -606,7 +629,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float,
                         help="stop after this much wall time from the command's start (default 8 unless --steps)")
     parser.add_argument("--steps", type=int, help="stop at this total step count (counting earlier runs)")
-    parser.add_argument("--batch", type=int, help="clips per step (default: vae 16, dit 128)")
+    parser.add_argument("--batch", type=int, help="clips per step (default: vae 32 crops, dit 128)")
+    parser.add_argument("--crop", type=int, nargs=2, metavar=("FRAMES", "SIDE"),
+                        help="vae: train on random crops of this many frames and pixels a side "
+                             "(default 17 64; 17 128 is the whole clip)")
     parser.add_argument("--refresh", type=int,
                         help="dit: new clips encoded into the latent pool per step (default 16)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: vae 2e-4, dit 3e-4)")
