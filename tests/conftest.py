@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -52,6 +55,20 @@ def clean(pipelines):
     yield pipelines
     for pipe in pipelines.values():
         vidprune.remove(pipe)
+
+
+@contextlib.contextmanager
+def block_tokens(transformer) -> Iterator[list[tuple[int, int]]]:
+    """(block, tokens it computed on) of every block call while open, in call order, read by
+    plain torch hooks on each block's feed-forward (inside the block, independent of vidprune)."""
+    seen: list[tuple[int, int]] = []
+    handles = [block.ffn.register_forward_pre_hook(lambda m, a, i=i: seen.append((i, a[0].shape[1])))
+               for i, block in enumerate(transformer.blocks)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def tiny_transformer(layers: int = 4, heads: int = 2, head_dim: int = 12, seed: int = 0) -> WanTransformer3DModel:

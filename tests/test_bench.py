@@ -12,7 +12,7 @@ import vidprune
 from vidprune.bench import Setup, attach, detach, fixed_lip_mask, parse_method, parse_methods
 from vidprune.cli import main
 
-from conftest import run
+from conftest import block_tokens, run
 
 SMALL = ["--frames", "5", "--height", "64", "--width", "64", "--steps", "2", "--prompts", "1", "--seeds", "1"]
 
@@ -74,15 +74,20 @@ def test_residual_driven_caches_are_refused_on_random_weights():
         "unpruned", "tape:0.5", "fbc:0.1"]
 
 
+def test_lip_tape_needs_a_real_source_video_and_a_valid_keep():
+    with pytest.raises(ValueError, match="lip-tape.*random-weight"):
+        parse_methods(["lip-tape:0.5"], random_weights=True)
+    with pytest.raises(ValueError, match="keep"):
+        parse_method("lip-tape:1.5")
+    assert [m.name for m in parse_methods(["lip-tape"], random_weights=False)] == ["unpruned", "lip-tape:0.5"]
+
+
 def test_tape_stacked_with_first_block_cache_prunes_and_skips(clean):
     """In the stack's order the cache's hooks wrap vidprune's: computed steps run the span on
     kept tokens, skipped steps run only the first block; detaching restores the model."""
     pipe = clean["t2v"]
-    tokens: list[tuple[int, int]] = []  # (block, tokens it computed), in call order
     blocks = pipe.transformer.blocks
-    handles = [block.ffn.register_forward_pre_hook(lambda m, a, i=i: tokens.append((i, a[0].shape[1])))
-               for i, block in enumerate(blocks)]
-    try:
+    with block_tokens(pipe.transformer) as tokens:  # (block, tokens it computed), in call order
         reference = run(pipe, "t2v", num_inference_steps=4)
         full = tokens[0][1]
         tokens.clear()
@@ -92,9 +97,6 @@ def test_tape_stacked_with_first_block_cache_prunes_and_skips(clean):
         detach(pipe)
         stacked_tokens = list(tokens)
         restored = run(pipe, "t2v", num_inference_steps=4)
-    finally:
-        for handle in handles:
-            handle.remove()
     computed = [(0, full), (1, full)] + [(layer, full // 2) for layer in range(2, len(blocks))]  # span 2-5 pruned
     skipped = [(0, full)]  # the first block only
     # steps 0 and 2 compute (both CFG branches), steps 1 and 3 skip

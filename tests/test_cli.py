@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import imageio.v2 as imageio
 import pytest
 
@@ -78,6 +80,15 @@ def test_edit_a_video_file_with_comparison(tmp_path, capsys):
     assert "tokens pruned: 0.0%" not in printed  # the fitted tau prunes some tokens
     frames = imageio.mimread(output)
     assert len(frames) == 9 and frames[0].shape == (128, 160, 3)
+
+
+def test_edit_with_lip_then_tape(tmp_path, capsys):
+    source = tmp_path / "source.mp4"
+    small_video(source)
+    main(["edit", str(source), "--prompt", "a blue square", "--steps", "3", "--target-prune", "0.3",
+          "--method", "lip-tape", "--keep", "0.5", "-o", str(tmp_path / "edited.mp4")])
+    pruned = re.search(r"tokens pruned: ([\d.]+)%", capsys.readouterr().out)
+    assert 60 < float(pruned.group(1)) < 70  # 30% by LIP, then half of the rest by TAPE
 
 
 def test_edit_a_folder_of_frames(tmp_path, capsys):

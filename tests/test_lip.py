@@ -14,7 +14,7 @@ from vidprune.interframe import reference_index
 from vidprune.recovery import recovered_attention, recovery_keys, restore_from_references
 from vidprune.tokens import TokenGrid, patches
 
-from conftest import tiny_transformer
+from conftest import block_tokens, tiny_transformer
 
 GRID = TokenGrid(4, 2, 3)
 
@@ -150,13 +150,9 @@ def test_edit_through_video_to_video_prunes_what_the_mask_says(clean, config):
     detection = vidprune.LipDetection(tau=0.05, median=False, smooth=False, cleanup=False, dilate=False, tau2=None)
     vidprune.apply(pipe, vidprune.LipConfig(detection=detection, recovery=config.recovery,
                                             kv_source=config.kv_source, duplicates=config.duplicates))
-    seen = []
-    handles = [b.ffn.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1])) for b in pipe.transformer.blocks]
-    try:
+    with block_tokens(pipe.transformer) as seen:
         out = edit(pipe)
-    finally:
-        for handle in handles:
-            handle.remove()
+    seen = [tokens for _, tokens in seen]
     stats = vidprune.stats(pipe)
     kept = stats.forwards[0].spans[0].tokens
     assert 16 <= kept < 48 and all(f.spans[0].tokens == kept for f in stats.forwards)

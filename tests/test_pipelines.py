@@ -10,21 +10,10 @@ from vidprune.runtime import HOOK_NAME
 from vidprune.selection import kept_per_frame
 from vidprune.tokens import TokenGrid
 
-from conftest import SMALL_SPANS, run
+from conftest import SMALL_SPANS, block_tokens, run
 
 KINDS = ("t2v", "i2v", "v2v")
 GRID = TokenGrid(3, 4, 4)  # 9 frames at 64x64 -> 3 latent frames of 8x8 -> 3 x 4 x 4 tokens
-
-
-def count_block_tokens(transformer):
-    """Tokens each block computes on, read by plain torch hooks on its feed-forward (inside the
-    block's own computation, independent of vidprune)."""
-    seen = []
-    handles = [
-        block.ffn.register_forward_pre_hook(lambda m, a, i=i: seen.append((i, a[0].shape[1])))
-        for i, block in enumerate(transformer.blocks)
-    ]
-    return seen, handles
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -56,12 +45,8 @@ def test_blocks_see_only_kept_tokens_and_stats_match(clean, kind):
     pipe = clean[kind]
     config = vidprune.TapeConfig(keep=0.5, schedule="linear", **SMALL_SPANS)
     vidprune.apply(pipe, config)
-    seen, handles = count_block_tokens(pipe.transformer)
-    try:
+    with block_tokens(pipe.transformer) as seen:
         run(pipe, kind)
-    finally:
-        for handle in handles:
-            handle.remove()
     stats = vidprune.stats(pipe)
     steps = len(stats.forwards) // 2  # CFG: two forwards per step
     assert steps == (3 if kind != "v2v" else 2)

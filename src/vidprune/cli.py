@@ -30,7 +30,7 @@ from .patch import apply, remove, stats
 from .video_io import check_output_path, read_video, write_video
 
 METHODS = ("none", "tape", "naive", "random")
-EDIT_METHODS = ("none", "lip", "lip-noar")
+EDIT_METHODS = ("none", "lip", "lip-noar", "lip-tape")
 
 
 def tape_config(method: str, keep: float) -> TapeConfig | None:
@@ -146,7 +146,9 @@ def edit(args: argparse.Namespace) -> None:
     device, dtype = _device(args.device)
     check_output_path(args.output)
     detection = LipDetection(tau=args.tau, target_prune=args.target_prune)
-    config = None if args.method == "none" else LipConfig(detection=detection, recovery=args.method == "lip")
+    tape = TapeConfig(keep=args.keep) if args.method == "lip-tape" else None
+    config = None if args.method == "none" else LipConfig(detection=detection, recovery=args.method != "lip-noar",
+                                                          tape=tape)
     video, height, width = source_video(args.input, args.max_frames, args.height, args.width)
     pipe = load_pipeline(args.model, device, dtype, video_to_video=True)
 
@@ -242,7 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("input", help="video file (mp4, avi, mov, mkv, webm, gif) or a folder of frames")
     ed.add_argument("--prompt", required=True, help="what the edited video should show")
     ed.add_argument("--method", choices=EDIT_METHODS, default="lip",
-                    help="lip (with Attention Recovery, default), lip-noar (plain pruning) or none")
+                    help="lip (with Attention Recovery, default), lip-noar (plain pruning), lip-tape (lip, then "
+                         "TAPE pruning among the tokens LIP keeps) or none")
+    ed.add_argument("--keep", type=float, default=0.5,
+                    help="lip-tape: the share of LIP's kept tokens TAPE keeps, mean over the steps (default 0.5)")
     ed.add_argument("--strength", type=float, default=0.7, help="how far to noise the source (0, 1]")
     ed.add_argument("--tau", type=float, default=LipDetection.tau,
                     help="a token is computed where its latent distance to the previous frame exceeds tau")

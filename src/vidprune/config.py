@@ -164,6 +164,11 @@ class LipConfig:
         themselves (a pipeline given latents=..., or a bare transformer).
     mask: an explicit keep mask over the token grid, (frames, height, width) or
         (batch, frames, height, width) bool, instead of detection.
+    tape: a TapeConfig to prune further among the tokens LIP keeps: from its first pruned
+        layer on, each of its spans computes the top `keep` share of every frame's LIP-kept
+        tokens (per-frame budgets; scores smoothed over time, LIP-pruned positions taking
+        their reference's score; one selection for all videos of the batch). Layers before
+        run on LIP's kept tokens. Not with kv_source="clean", nor per_frame=False.
     """
 
     detection: LipDetection = LipDetection()
@@ -173,6 +178,7 @@ class LipConfig:
     restore: str = "x0"
     source_latents: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    tape: TapeConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.detection, LipDetection):
@@ -194,6 +200,13 @@ class LipConfig:
         ):
             shape = tuple(self.mask.shape) if isinstance(self.mask, torch.Tensor) else type(self.mask).__name__
             fail("mask", shape, "None or a bool tensor (frames, height, width) or (batch, frames, height, width)")
+        if self.tape is not None:
+            if not isinstance(self.tape, TapeConfig):
+                fail("tape", self.tape, "None or a vidprune.TapeConfig")
+            if self.kv_source == "clean":
+                fail("kv_source", self.kv_source, "'current' when tape is set (clean-pass keys follow LIP's kept tokens)")
+            if not self.tape.per_frame:
+                fail("tape", "TapeConfig(per_frame=False)", "a TapeConfig with per_frame=True (LIP keeps per frame)")
 
 
 __all__ = ["TapeConfig", "LipConfig", "IMPORTANCE_KINDS", "SCHEDULE_SHAPES", "KV_SOURCES", "RESTORE_MODES"]

@@ -19,7 +19,9 @@ import torch
 from .config import LipConfig
 from .interframe import keep_mask, reference_index
 from .recovery import RecoveryKeys, recovery_keys, restore_from_references
-from .runtime import CallState, ForwardState, Span, TokenPruner
+from .runtime import CallState, ForwardState, Span, TokenPruner, spans_from_starts
+from .selection import select_among, smooth_over_time
+from .tape import TapeState, scatter_with_residuals, token_scores
 from .tokens import TokenGrid
 
 
@@ -30,7 +32,7 @@ class LipPlan:
     keep: torch.Tensor  # (tokens,) bool, union over the batch's videos
     index: torch.Tensor  # (1, kept) sorted kept token indices
     reference: torch.Tensor  # (tokens,) each token's reference (kept tokens: themselves)
-    keys: RecoveryKeys | None  # key positions of recovered attention (None: no recovery)
+    keys: RecoveryKeys | None  # key positions of recovered attention over all kept tokens (None: no recovery)
 
 
 class LipState(CallState):
@@ -40,6 +42,10 @@ class LipState(CallState):
         self.plan: LipPlan | None = None
         self.clean: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per text: per layer (k, v)
         self.recording: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.tape: TapeState | None = None  # TAPE's per-call state when LipConfig.tape is set
+        if self.config.tape is not None:
+            self.tape = TapeState(self.config.tape)
+            self.tape.reset(pipeline)
 
     @contextlib.contextmanager
     def call(self, pipeline: Any) -> Iterator[None]:
@@ -77,10 +83,22 @@ class LipState(CallState):
 
 
 class LipPruner(TokenPruner):
+    """One span over all blocks; with LipConfig.tape, LIP-only layers up to TAPE's first pruned
+    layer, then TAPE's spans, each on a subset of LIP's kept tokens. LIP-pruned tokens are in
+    no span and are restored at the output either way."""
+
     def __init__(self, transformer: torch.nn.Module, adapter, config: LipConfig, state: LipState) -> None:
         num_layers = len(adapter.blocks(transformer))
-        super().__init__(transformer, adapter, config, state, [Span(0, num_layers - 1)])
+        spans = [Span(0, num_layers - 1)]
+        self.first_tape_layer = num_layers
+        if config.tape is not None:
+            starts = config.tape.span_starts(num_layers)
+            self.first_tape_layer = starts[0]
+            spans = [Span(0, starts[0] - 1)] * (starts[0] > 0) + spans_from_starts(starts, num_layers)
+        super().__init__(transformer, adapter, config, state, spans)
         self._originals: list[tuple[torch.nn.Module, Any]] = []
+        self.reused: dict[int, torch.Tensor] | None = None  # TAPE selections of this step's first CFG call
+        self.selections: dict[int, torch.Tensor] = {}
 
     # -- processors -------------------------------------------------------------------
     def on_attach(self) -> None:
@@ -102,21 +120,69 @@ class LipPruner(TokenPruner):
 
     def plan_forward(self, current: ForwardState) -> None:
         plan = self._plan(current.grid, current.inputs["hidden_states"].device)
-        kept = plan.index.shape[1]
-        current.active = kept < current.grid.size
-        current.record.keep = kept / current.grid.size
+        keep = plan.index.shape[1] / current.grid.size
+        current.active = keep < 1.0
+        tape = self.state.tape
+        if tape is not None:
+            step, tape_keep = tape.step_and_keep(current.sigma)
+            pruning = tape_keep < 1.0
+            current.active |= pruning or tape.config.reuse_residuals
+            batch = current.inputs["hidden_states"].shape[0]
+            self.reused, self.selections = tape.selections_for(current.sigma, batch, pruning)
+            current.scratch["tape_keep"] = tape_keep
+            current.record.step, current.record.shared_selection = step, self.reused is not None and pruning
+            keep *= tape_keep  # the share TAPE's spans compute, up to per-frame rounding
+        current.record.keep = keep
         if current.active and self.config.recovery and self.config.kv_source == "clean":
             self._clean_pass(current)
 
     def select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor:
-        self.state.current.scratch["span_inputs"] = inputs
-        return self.state.plan.index
+        current, plan = self.state.current, self.state.plan
+        current.scratch["span_inputs"] = inputs
+        index = plan.index if span.start < self.first_tape_layer else self._tape_select(block, inputs, span)
+        if self.config.recovery and index is plan.index:
+            current.scratch["keys"] = plan.keys
+        elif self.config.recovery:
+            computed = torch.zeros_like(plan.keep).index_fill_(0, index[0], True)
+            current.scratch["keys"] = recovery_keys(computed, plan.reference, current.grid, self.config.duplicates)
+        return index
 
-    def records_selections(self) -> bool:
-        return True  # one index for the whole call: keeping it costs nothing
+    def _tape_select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor:
+        """TAPE's selection among LIP's kept tokens."""
+        current, plan, tape = self.state.current, self.state.plan, self.state.tape
+        keep = current.scratch["tape_keep"]
+        if keep >= 1.0:
+            return plan.index
+        if self.reused is not None and span.start in self.reused:
+            return self.reused[span.start]
+        config, grid = tape.config, current.grid
+        queries = tape.queries(grid, inputs["hidden_states"].device)
+        queries = queries[plan.keep[queries]]  # LIP-pruned tokens hold stale states: they get no say
+        scores = token_scores(self.adapter, block, inputs, config, queries, current.sigma, span.start, grid)
+        # A LIP-pruned position stands for its reference, so it carries the reference's score
+        # into the smoothing over time.
+        scores = smooth_over_time(scores[:, plan.reference], grid, config.temporal_sigma, config.temporal_radius)
+        index = select_among(scores, plan.keep, grid, keep)
+        self.selections[span.start] = index
+        return index
+
+    def finish_span(self, span: Span, span_input: torch.Tensor, index: torch.Tensor, kept_output: torch.Tensor) -> torch.Tensor:
+        tape = self.state.tape
+        if tape is None or not tape.config.reuse_residuals or span.start < self.first_tape_layer:
+            return super().finish_span(span, span_input, index, kept_output)
+        key = (self.state.current.branch, span.start)
+        return scatter_with_residuals(tape.residuals, key, span_input, index, kept_output)
+
+    def records_selections(self, span: Span) -> bool:
+        # LIP's own index is one per call: keeping it costs nothing. TAPE's change per step.
+        return span.start < self.first_tape_layer or self.config.tape.record_selections
+
+    def span_keys(self) -> RecoveryKeys:
+        """The key positions of recovered attention in the open span."""
+        return self.state.current.scratch["keys"]
 
     def attention_keys(self) -> int | None:
-        keys = self.state.plan.keys
+        keys = self.state.current.scratch.get("keys") if self.config.recovery else None
         return None if keys is None else keys.positions.shape[0]
 
     def finish_forward(self, current: ForwardState, output: Any) -> Any:

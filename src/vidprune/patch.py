@@ -56,7 +56,8 @@ def _check_target(target: Any, config: TapeConfig | LipConfig) -> list[torch.nn.
     else:
         raise TypeError(f"vidprune.apply takes a diffusers pipeline or transformer, got {type(target).__name__}")
     adapters = [adapter_for(t) for t in transformers]
-    if isinstance(config, TapeConfig) and config.needs_step_list and not _is_pipeline(target):
+    tape = config if isinstance(config, TapeConfig) else config.tape
+    if tape is not None and tape.needs_step_list and not _is_pipeline(target):
         raise ValueError(
             "full_first_steps/full_last_steps need the call's list of steps, which only a pipeline gives: "
             "call vidprune.apply(pipeline, config) instead of applying to the transformer"

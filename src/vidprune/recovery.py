@@ -36,18 +36,21 @@ class RecoveryKeys:
     duplicate: torch.Tensor
 
 
-def recovery_keys(keep: torch.Tensor, reference: torch.Tensor, grid: TokenGrid, duplicates: int | None) -> RecoveryKeys:
-    """keep: (tokens,) bool; reference: (tokens,) index of each token's reference (kept tokens
-    are their own). A pruned token takes part if it is at most `duplicates` frames after its
-    reference (all of them for None)."""
-    if duplicates is None:
-        included = torch.ones_like(keep)
-    else:
-        frame = torch.arange(grid.size, device=keep.device) // grid.per_frame
-        included = keep | (frame - frame[reference] <= duplicates)
+def recovery_keys(computed: torch.Tensor, reference: torch.Tensor, grid: TokenGrid,
+                  duplicates: int | None) -> RecoveryKeys:
+    """computed: (tokens,) bool, the tokens the attention runs on (LIP's kept tokens, or a
+    subset of them that TAPE keeps); reference: (tokens,) index of each token's reference
+    (LIP's kept tokens are their own). A token LIP pruned takes part if its reference is
+    computed and it is at most `duplicates` frames after it (None: any distance)."""
+    tokens = torch.arange(grid.size, device=computed.device)
+    lip_pruned = reference != tokens
+    included = computed | (lip_pruned & computed[reference])
+    if duplicates is not None:
+        frame = tokens // grid.per_frame
+        included &= computed | (frame - frame[reference] <= duplicates)
     positions = included.nonzero().squeeze(1)
-    slot_of_token = keep.long().cumsum(0) - 1  # each kept token's slot in the kept sequence
-    return RecoveryKeys(positions, slot_of_token[reference[positions]], ~keep[positions])
+    slot_of_token = computed.long().cumsum(0) - 1  # each computed token's slot in the computed sequence
+    return RecoveryKeys(positions, slot_of_token[reference[positions]], lip_pruned[positions])
 
 
 def recovered_attention(

@@ -126,8 +126,8 @@ class TokenPruner:
         """Self-attention keys inside spans when they differ from the kept tokens."""
         return None
 
-    def records_selections(self) -> bool:
-        """Whether span records keep the kept indices."""
+    def records_selections(self, span: Span) -> bool:
+        """Whether the span's records keep the kept indices."""
         return getattr(self.config, "record_selections", False)
 
     def wants_forward(self) -> bool:
@@ -187,7 +187,7 @@ class TokenPruner:
             gathered = self.adapter.gather_block_inputs(inputs, index)
             current.span_input, current.index = hidden_states, index
             current.token_inputs = {k: v for k, v in gathered.items() if k != "hidden_states"}
-            recorded = index if self.records_selections() else None
+            recorded = index if self.records_selections(span) else None
             current.record.spans.append(
                 SpanRecord(span.start, span.end, index.shape[1], current.grid, recorded, self.attention_keys())
             )

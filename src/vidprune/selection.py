@@ -55,6 +55,19 @@ def select_global(scores: torch.Tensor, grid: TokenGrid, keep: float) -> torch.T
     return scores.topk(k, dim=1).indices.sort(dim=1).values
 
 
+def select_among(scores: torch.Tensor, candidates: torch.Tensor, grid: TokenGrid, keep: float) -> torch.Tensor:
+    """Top-k among the candidate tokens of every frame, k = keep x that frame's candidates (at
+    least one where a frame has any): TAPE's per-frame budget inside what another method (LIP)
+    already keeps. scores: (batch, tokens), summed over the batch; candidates: (tokens,) bool.
+    Returns sorted (1, kept) indices shared by the batch."""
+    in_frame = candidates.view(grid.frames, grid.per_frame)
+    counts = in_frame.sum(dim=1)
+    k = (counts.float() * keep).round().long().clamp(min=1).minimum(counts)
+    frame_scores = scores.float().sum(dim=0).view(grid.frames, grid.per_frame).masked_fill(~in_frame, float("-inf"))
+    rank = frame_scores.argsort(dim=1, descending=True).argsort(dim=1)
+    return ((rank < k.unsqueeze(1)) & in_frame).flatten().nonzero().view(1, -1)
+
+
 def adjacent_frame_iou(index: torch.Tensor, grid: TokenGrid) -> float:
     """Mean intersection-over-union of the kept positions of adjacent frames, over the batch:
     1 means the selection does not jitter at all (two frames keeping nothing count as equal).

@@ -43,6 +43,16 @@ class TapeState(CallState):
         step = min(range(len(self.step_sigmas)), key=lambda i: abs(self.step_sigmas[i] - sigma))
         return step, self.plan[step]
 
+    def selections_for(self, sigma: float, batch: int, pruning: bool) -> tuple[dict[int, torch.Tensor] | None, dict]:
+        """For a new forward: the selections of this step's first CFG call to reuse (None if this
+        is the first call, or sharing is off), and the dict this call's own selections go in."""
+        last, fresh = self.last_selections, {}
+        if self.config.share_cfg_selection and last is not None and last[:2] == (sigma, batch):
+            self.last_selections = None
+            return last[2], fresh
+        self.last_selections = (sigma, batch, fresh) if pruning else None
+        return None, fresh
+
     def queries(self, grid: TokenGrid, device: torch.device) -> torch.Tensor:
         key = (grid, device)
         if key not in self._queries:
@@ -68,11 +78,7 @@ class TapePruner(TokenPruner):
         self.keep_all = not pruning and self.config.reuse_residuals and self.config.keep < 1.0
         current.active = pruning or self.keep_all
         current.record.step, current.record.keep = step, keep if pruning else 1.0
-        last, self.reused, self.selections = state.last_selections, None, {}
-        if self.config.share_cfg_selection and last is not None and last[:2] == (current.sigma, batch):
-            self.reused, state.last_selections = last[2], None
-        else:
-            state.last_selections = (current.sigma, batch, self.selections) if pruning else None
+        self.reused, self.selections = state.selections_for(current.sigma, batch, pruning)
         current.record.shared_selection = self.reused is not None and pruning
 
     def select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor:
@@ -83,13 +89,9 @@ class TapePruner(TokenPruner):
         if self.reused is not None and span.start in self.reused:
             return self.reused[span.start]
         current, config = self.state.current, self.config
-        hidden_states, grid = inputs["hidden_states"], current.grid
-        if config.importance == "random":
-            seed = hash((config.seed, round(current.sigma, 6), span.start)) % (2**31)
-            scores = random_importance(hidden_states.shape[0], grid, seed, hidden_states.device)
-        else:
-            query, key = self.adapter.query_key(block, inputs, self.state.queries(grid, hidden_states.device))
-            scores = attention_received(query, key)
+        grid = current.grid
+        queries = self.state.queries(grid, inputs["hidden_states"].device)
+        scores = token_scores(self.adapter, block, inputs, config, queries, current.sigma, span.start, grid)
         scores = smooth_over_time(scores, grid, config.temporal_sigma, config.temporal_radius)
         select = select_per_frame if config.per_frame else select_global
         index = select(scores, grid, current.record.keep)
@@ -100,8 +102,28 @@ class TapePruner(TokenPruner):
         if not self.config.reuse_residuals:
             return super().finish_span(span, span_input, index, kept_output)
         key = (self.state.current.branch, span.start)
-        cached = self.state.residuals.get(key)
-        base = span_input if cached is None else span_input + cached
-        output = scatter_tokens(base, index, kept_output)
-        self.state.residuals[key] = output - span_input  # fresh for kept tokens, carried for pruned
-        return output
+        return scatter_with_residuals(self.state.residuals, key, span_input, index, kept_output)
+
+
+def token_scores(adapter, block: torch.nn.Module, inputs: dict[str, Any], config: TapeConfig, queries: torch.Tensor,
+                 sigma: float, span_start: int, grid: TokenGrid) -> torch.Tensor:
+    """(batch, tokens) importance of every token at a span's first block: attention received
+    from `queries`, or random (seeded by the step and span)."""
+    hidden_states = inputs["hidden_states"]
+    if config.importance == "random":
+        seed = hash((config.seed, round(sigma, 6), span_start)) % (2**31)
+        return random_importance(hidden_states.shape[0], grid, seed, hidden_states.device)
+    query, key = adapter.query_key(block, inputs, queries)
+    return attention_received(query, key)
+
+
+def scatter_with_residuals(residuals: dict, key: tuple[int, int], span_input: torch.Tensor, index: torch.Tensor,
+                           kept_output: torch.Tensor) -> torch.Tensor:
+    """A span's full output with reuse_residuals: a pruned token gets the residual it had when
+    the span last computed it, kept in `residuals` under key (guidance branch, span start),
+    instead of passing unchanged."""
+    cached = residuals.get(key)
+    base = span_input if cached is None else span_input + cached
+    output = scatter_tokens(base, index, kept_output)
+    residuals[key] = output - span_input  # fresh for kept tokens, carried for pruned
+    return output

@@ -68,12 +68,13 @@ class WanRecoveryProcessor:
             kept = state.plan.index[0]
             state.recording.append((key[:, kept], value[:, kept]))
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        keys = state.plan.keys
-        if "key_rope" not in current.scratch:  # tables at the key positions, once per forward
+        keys = self.pruner.span_keys()
+        cached = current.scratch.get("key_rope")
+        if cached is None or cached[0] is not keys:  # tables at the key positions, once per span
             cos, sin = current.scratch["span_inputs"]["rotary_emb"]
             positions = keys.positions.unsqueeze(0)
-            current.scratch["key_rope"] = (gather_tokens(cos, positions), gather_tokens(sin, positions))
-        key_cos, key_sin = current.scratch["key_rope"]
+            cached = current.scratch["key_rope"] = (keys, gather_tokens(cos, positions), gather_tokens(sin, positions))
+        _, key_cos, key_sin = cached
         clean_key, clean_value = self.pruner.clean_keys_values(self.layer)
         backend = getattr(self.original, "_attention_backend", None)
         output = recovered_attention(

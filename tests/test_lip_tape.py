@@ -1,0 +1,115 @@
+"""LIP combined with TAPE (LipConfig(tape=...)): TAPE prunes among the tokens LIP keeps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vidprune
+from vidprune.recovery import recovery_keys
+from vidprune.selection import select_among
+from vidprune.tokens import TokenGrid
+
+from conftest import SMALL_SPANS, block_tokens
+from test_lip import edit
+
+GRID = TokenGrid(3, 2, 3)
+
+
+def test_select_among_takes_each_frames_share_of_its_candidates():
+    candidates = torch.tensor([1, 1, 1, 1, 1, 1,  # frame 0: all 6
+                               1, 0, 1, 0, 1, 1,  # frame 1: 4
+                               0, 0, 0, 0, 0, 0], dtype=torch.bool)  # frame 2: none
+    scores = torch.arange(18, dtype=torch.float32).flip(0).unsqueeze(0)  # earlier tokens score higher
+    scores[0, 1] = 100.0  # a non-candidate's score must not matter... (token 1 is a candidate)
+    scores[0, 7] = 1000.0  # ...token 7 is not one
+    index = select_among(scores, candidates, GRID, keep=0.5)
+    assert index.tolist() == [[0, 1, 2, 6, 8]]  # 3 of 6 in frame 0, 2 of 4 in frame 1, none in frame 2
+    one = select_among(scores, candidates, GRID, keep=0.01)  # at least one where a frame has candidates
+    assert one.tolist() == [[1, 6]]
+
+
+def test_select_among_sums_the_batch():
+    candidates = torch.ones(18, dtype=torch.bool)
+    scores = torch.zeros(2, 18)
+    scores[0, 3], scores[1, 3], scores[1, 4] = 1.0, 1.0, 1.5  # summed: token 3 wins frame 0
+    assert select_among(scores, candidates, GRID, keep=1 / 6)[0, 0].item() == 3
+
+
+def test_recovery_keys_inside_a_tape_span_follow_the_computed_tokens():
+    # LIP keeps 0, 1, 2 (frame 0); 3 and 4 are pruned, referring to 0 and 1. TAPE computes 0 and 2.
+    grid = TokenGrid(2, 1, 3)
+    reference = torch.tensor([0, 1, 2, 0, 1, 5])
+    computed = torch.tensor([1, 0, 1, 0, 0, 1], dtype=torch.bool)
+    keys = recovery_keys(computed, reference, grid, None)
+    # 1 is TAPE-pruned (not a key); 4 duplicates 1, which is not computed (not a key).
+    assert keys.positions.tolist() == [0, 2, 3, 5]
+    assert keys.slots.tolist() == [0, 1, 0, 2]  # slots in the computed sequence (0, 2, 5)
+    assert keys.duplicate.tolist() == [False, False, True, False]
+    lip_only = recovery_keys(reference == torch.arange(6), reference, grid, None)
+    assert lip_only.positions.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def mask() -> torch.Tensor:
+    """Frame 0 kept, 6 and 10 tokens of the two later frames of the tiny edit's 3x4x4 grid."""
+    keep = torch.zeros(3, 4, 4, dtype=torch.bool)
+    keep[0] = True
+    keep[1, :2, :3] = True
+    keep[2, 1:, 1:] = True
+    keep[2, 0, 0] = True
+    return keep
+
+
+def tokens_per_block(pipe, config) -> tuple[torch.Tensor, list[int], vidprune.PruneStats]:
+    vidprune.apply(pipe, config)
+    with block_tokens(pipe.transformer) as seen:
+        out = edit(pipe)
+    return out, [tokens for _, tokens in seen], vidprune.stats(pipe)
+
+
+@pytest.mark.parametrize("recovery", [True, False], ids=["lip", "lip-noar"])
+def test_tape_prunes_among_the_tokens_lip_keeps(clean, recovery):
+    pipe = clean["v2v"]
+    tape = vidprune.TapeConfig(keep=0.5, schedule="constant", record_selections=True, **SMALL_SPANS)
+    out, seen, stats = tokens_per_block(pipe, vidprune.LipConfig(mask=mask(), recovery=recovery, tape=tape))
+    layers = len(pipe.transformer.blocks)
+    lip_kept = int(mask().sum())  # 16 + 6 + 10
+    tape_kept = 8 + 3 + 5  # half of each frame's LIP-kept tokens
+    assert seen == ([lip_kept] + [tape_kept] * (layers - 1)) * len(stats.forwards)  # every forward of the edit
+    allowed = set(mask().flatten().nonzero().flatten().tolist())
+    for forward in stats.forwards:
+        assert [s.tokens for s in forward.spans] == [lip_kept, tape_kept, tape_kept, tape_kept]
+        for span in forward.spans[1:]:
+            assert set(span.index.flatten().tolist()) <= allowed
+    assert stats.forwards[0].keep == pytest.approx(lip_kept / 48 * 0.5)
+    assert torch.isfinite(out).all()
+
+
+def test_tape_keeping_everything_equals_lip_alone(clean):
+    pipe = clean["v2v"]
+    vidprune.apply(pipe, vidprune.LipConfig(mask=mask()))
+    lip_alone = edit(pipe)
+    combined = vidprune.TapeConfig(keep=1.0, **SMALL_SPANS)
+    vidprune.apply(pipe, vidprune.LipConfig(mask=mask(), tape=combined))
+    assert torch.equal(edit(pipe), lip_alone)
+    vidprune.apply(pipe, vidprune.LipConfig(mask=mask(), tape=combined.with_(keep=0.5, schedule="constant")))
+    assert not torch.equal(edit(pipe), lip_alone)
+
+
+def test_tape_with_reused_residuals_runs_and_detaches_exactly(clean):
+    pipe = clean["v2v"]
+    reference = edit(pipe)
+    tape = vidprune.TapeConfig(keep=0.7, reuse_residuals=True, full_first_steps=1, **SMALL_SPANS)  # 2 steps: 1.0, 0.4
+    out, seen, _ = tokens_per_block(pipe, vidprune.LipConfig(mask=mask(), tape=tape))
+    assert torch.isfinite(out).all() and min(seen) < int(mask().sum())
+    vidprune.remove(pipe)
+    assert torch.equal(edit(pipe), reference)
+
+
+def test_combination_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="kv_source"):
+        vidprune.LipConfig(kv_source="clean", tape=vidprune.TapeConfig())
+    with pytest.raises(ValueError, match="per_frame=True"):
+        vidprune.LipConfig(tape=vidprune.TapeConfig(per_frame=False))
+    with pytest.raises(ValueError, match="TapeConfig"):
+        vidprune.LipConfig(tape=0.5)
