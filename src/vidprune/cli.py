@@ -12,18 +12,8 @@ from typing import Sequence
 
 import torch
 
-from .bench import (
-    RANDOM_MODELS,
-    Options,
-    accepted_names,
-    build_random_pipeline,
-    default_methods,
-    markdown,
-    parse_methods,
-    pyplot,
-    run_bench,
-    write_report,
-)
+from .bench import RANDOM_MODELS, Options, accepted_names, build_random_pipeline, default_methods, parse_methods, run_bench
+from .bench_report import markdown, pyplot, write_report
 from .config import LipConfig, TapeConfig
 from .interframe import LipDetection
 from .patch import apply, remove, stats
