@@ -161,6 +161,8 @@ KINDS = {
                      unset="by the default thresholds"),
     "lip-tape": Kind("pruning", "edit", "KEEP", 0.5, "LIP with recovery (default thresholds), then TAPE keeping {v} "
                      "of LIP's tokens per frame"),
+    "lip-tape-reuse": Kind("pruning", "edit", "KEEP", 0.5, "lip-tape with TAPE reusing pruned tokens' span residuals, "
+                           "keep {v}"),
     "fbc": Kind("cache", "generate", "THRESHOLD", 0.1, "FirstBlockCache, threshold {v}", residual_driven=True),
     "fbc-fixed": Kind(
         "cache", "generate", "N", 2, "FirstBlockCache hooks, all blocks every {v} steps only", integer=True,
@@ -187,6 +189,7 @@ KINDS = {
                "Wan's pipelines never pass; what remains is its attention extrapolation (weight 0.5).")),
 }
 TAPE_KINDS = ("tape", "tape-reuse", "tape-nosmooth", "tape-noreselect", "tape-noschedule", "naive", "random")
+LIP_TAPE_KINDS = ("lip-tape", "lip-tape-reuse")  # LipConfig(tape=...) with the TAPE kind after "lip-"
 STACKABLE = ("fbc", "fbc-fixed", "mag", "mag-fixed")  # caches that compose with vidprune (module docstring)
 TAYLOR_MODULES = r"blocks\.\d+\.(attn1|attn2|ffn)"
 STACK_NOTE = ("stacks (PRUNING+CACHE): vidprune applied first, the cache enabled after, removed in reverse order; "
@@ -252,8 +255,8 @@ def parse_method(text: str) -> Method:
         parts.append((name, _value(text, name, kind, value if colon else None)))
         if name in TAPE_KINDS:  # the configurations check their values now, not after the model loads
             tape_config(name, parts[-1][1])
-        elif name == "lip-tape":
-            tape_config("tape", parts[-1][1])
+        elif name in LIP_TAPE_KINDS:
+            tape_config(name.removeprefix("lip-"), parts[-1][1])
         elif name.startswith("lip") and parts[-1][1] is not None:
             LipDetection(target_prune=parts[-1][1])
     if len(parts) > 1 and (len(parts) != 2 or parts[0][0] not in TAPE_KINDS or parts[1][0] not in STACKABLE):
@@ -292,8 +295,8 @@ def parse_methods(texts: list[str], random_weights: bool) -> list[Method]:
                 f"method {method.name!r} is not accepted on a random-weight model: {driven[0]} decides from the "
                 f"model's residuals, which mean nothing with random weights; use {driven[0]}-fixed for speed"
             )
-        if random_weights and method.parts[0][0] == "lip-tape":
-            raise ValueError("method 'lip-tape' is not accepted on a random-weight model: its LIP mask comes from "
+        if random_weights and method.parts[0][0] in LIP_TAPE_KINDS:
+            raise ValueError(f"method {method.parts[0][0]!r} is not accepted on a random-weight model: its LIP mask comes from "
                              "the source video's detection; run it on the demo model")
         if random_weights and method.task == "edit" and method.parts[0][1] is None:
             raise ValueError(f"method {method.name!r} is not accepted on a random-weight model: give the ratio of "
@@ -378,8 +381,8 @@ def attach(pipe: Any, method: Method, setup: Setup) -> None:
             continue
         if kind in TAPE_KINDS:
             vidprune.apply(pipe, tape_config(kind, value))
-        elif kind == "lip-tape":
-            vidprune.apply(pipe, LipConfig(tape=tape_config("tape", value)))
+        elif kind in LIP_TAPE_KINDS:
+            vidprune.apply(pipe, LipConfig(tape=tape_config(kind.removeprefix("lip-"), value)))
         elif kind.startswith("lip"):
             detection = LipDetection() if value is None else LipDetection(target_prune=value)
             mask = fixed_lip_mask(*setup.lip_grid, value) if setup.lip_grid else None
