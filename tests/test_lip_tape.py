@@ -6,12 +6,16 @@ import pytest
 import torch
 
 import vidprune
+from vidprune.adapters.wan import WanAdapter
+from vidprune.interframe import reference_index
 from vidprune.recovery import recovery_keys
+from vidprune.runtime import bind_arguments
 from vidprune.selection import select_among
 from vidprune.tokens import TokenGrid
 
-from conftest import SMALL_SPANS, block_tokens
-from test_lip import edit
+from conftest import SMALL_SPANS, block_tokens, tiny_transformer
+from test_lip import GRID as LIP_GRID
+from test_lip import edit, example_mask, static_video_inputs
 
 GRID = TokenGrid(3, 2, 3)
 
@@ -113,3 +117,40 @@ def test_combination_rejects_what_it_cannot_do():
         vidprune.LipConfig(tape=vidprune.TapeConfig(per_frame=False))
     with pytest.raises(ValueError, match="TapeConfig"):
         vidprune.LipConfig(tape=0.5)
+
+
+def test_recovery_inside_a_tape_span_equals_attention_over_its_key_set():
+    """A static video through a one-block transformer, LIP then TAPE over the whole block: each
+    token TAPE computes gets exactly what the unpatched block gives it when run on the span's
+    key set (the computed tokens plus the LIP-pruned tokens whose references are computed),
+    since here every pruned token truly equals its reference."""
+    model = tiny_transformer(layers=1)
+    with torch.no_grad():  # peaked attention, so that which keys and where they sit matter
+        model.blocks[0].attn1.norm_q.weight *= 8
+        model.blocks[0].attn1.norm_k.weight *= 8
+    block, inputs, keep = model.blocks[0], static_video_inputs(), example_mask()
+    captured = {}
+    handle = block.register_forward_pre_hook(
+        lambda m, args, kwargs: captured.update(inputs=bind_arguments(type(m).forward, args, kwargs)),
+        with_kwargs=True)
+    model(**inputs)  # unpatched: the block's full-length inputs
+    handle.remove()
+
+    tape = vidprune.TapeConfig(keep=0.5, schedule="constant", importance="random", first_pruned_layer=0,
+                               reselect_every=0, record_selections=True)
+    vidprune.apply(model, vidprune.LipConfig(mask=keep, tape=tape))
+    handle = block.register_forward_hook(lambda m, args, output: captured.update(output=output))
+    model(**inputs)
+    handle.remove()
+    computed_index = vidprune.stats(model).forwards[-1].spans[0].index[0]
+    vidprune.remove(model)
+
+    computed = torch.zeros(LIP_GRID.size, dtype=torch.bool)
+    computed[computed_index] = True
+    assert 0 < computed.sum() < keep.sum()  # TAPE dropped some of LIP's tokens
+    reference = reference_index(keep.unsqueeze(0))[0]
+    key_set = recovery_keys(computed, reference, LIP_GRID, None).positions
+    assert len(key_set) > computed.sum()  # duplicates take part
+    gathered = WanAdapter().gather_block_inputs(captured["inputs"], key_set.unsqueeze(0))
+    expected = block(**{**captured["inputs"], **gathered})[:, torch.searchsorted(key_set, computed_index)]
+    torch.testing.assert_close(captured["output"][:, computed_index], expected, rtol=1e-5, atol=1e-5)
