@@ -43,6 +43,7 @@ class LipState(CallState):
         self.clean: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per text: per layer (k, v)
         self.recording: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.tape: TapeState | None = None  # TAPE's per-call state when LipConfig.tape is set
+        self.tape_queries: torch.Tensor | None = None  # TAPE's query sample among LIP's kept tokens
         if self.config.tape is not None:
             self.tape = TapeState(self.config.tape)
             self.tape.reset(pipeline)
@@ -156,8 +157,10 @@ class LipPruner(TokenPruner):
         if self.reused is not None and span.start in self.reused:
             return self.reused[span.start]
         config, grid = tape.config, current.grid
-        queries = tape.queries(grid, inputs["hidden_states"].device)
-        queries = queries[plan.keep[queries]]  # LIP-pruned tokens hold stale states: they get no say
+        if self.state.tape_queries is None:  # once per call: LIP-pruned tokens hold stale states, no say
+            queries = tape.queries(grid, inputs["hidden_states"].device)
+            self.state.tape_queries = queries[plan.keep[queries]]
+        queries = self.state.tape_queries
         scores = token_scores(self.adapter, block, inputs, config, queries, current.sigma, span.start, grid)
         # A LIP-pruned position stands for its reference, so it carries the reference's score
         # into the smoothing over time.
