@@ -270,8 +270,8 @@ class Run:
             self._loss_sum, self._loss_count = 0.0, 0
         if now - self._last_print >= PRINT_SECONDS:
             rate = (self.step - self._print_step) / (now - self._last_print)
-            loss = self.curve[-1][1] if self.curve else float("nan")
-            print(f"[{self.mode}] step {self.step} loss {loss:.4f} lr {self.lr_now():.2e} {rate:.2f} it/s "
+            loss = f"{self.curve[-1][1]:.4f}" if self.curve else f"(none before step {self.sizes.log_every})"
+            print(f"[{self.mode}] step {self.step} loss {loss} lr {self.lr_now():.2e} {rate:.2f} it/s "
                   f"{rate * samples_per_step:.0f} clips/s {(now - self.started) / 60:.1f} min", flush=True)
             self._last_print, self._print_step = now, self.step
         if now - self._last_save >= self.save_minutes * 60:
