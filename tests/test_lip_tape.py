@@ -27,17 +27,32 @@ def test_select_among_takes_each_frames_share_of_its_candidates():
     scores = torch.arange(18, dtype=torch.float32).flip(0).unsqueeze(0)  # earlier tokens score higher
     scores[0, 1] = 100.0  # a non-candidate's score must not matter... (token 1 is a candidate)
     scores[0, 7] = 1000.0  # ...token 7 is not one
-    index = select_among(scores, candidates, GRID, keep=0.5)
+    index = select_among(scores, candidates, [6, 4, 0], GRID, keep=0.5)
     assert index.tolist() == [[0, 1, 2, 6, 8]]  # 3 of 6 in frame 0, 2 of 4 in frame 1, none in frame 2
-    one = select_among(scores, candidates, GRID, keep=0.01)  # at least one where a frame has candidates
+    one = select_among(scores, candidates, [6, 4, 0], GRID, keep=0.01)  # at least one where a frame has candidates
     assert one.tolist() == [[1, 6]]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_select_among_equals_a_frame_by_frame_top_k(seed):
+    grid, generator = TokenGrid(5, 4, 6), torch.Generator().manual_seed(seed)
+    candidates = torch.rand(grid.size, generator=generator) < 0.6
+    scores = torch.randn(2, grid.size, generator=generator)
+    keep = float(torch.rand(1, generator=generator)) * 0.99 + 0.01
+    counts = candidates.view(grid.frames, -1).sum(dim=1).tolist()
+    expected, summed = [], scores.sum(dim=0).view(grid.frames, -1)
+    for frame, count in enumerate(counts):
+        positions = candidates.view(grid.frames, -1)[frame].nonzero().flatten()
+        best = positions[summed[frame, positions].argsort(descending=True)[: min(count, max(1, round(count * keep)))]]
+        expected += (best + frame * grid.per_frame).tolist()
+    assert select_among(scores, candidates, counts, grid, keep).tolist() == [sorted(expected)]
 
 
 def test_select_among_sums_the_batch():
     candidates = torch.ones(18, dtype=torch.bool)
     scores = torch.zeros(2, 18)
     scores[0, 3], scores[1, 3], scores[1, 4] = 1.0, 1.0, 1.5  # summed: token 3 wins frame 0
-    assert select_among(scores, candidates, GRID, keep=1 / 6)[0, 0].item() == 3
+    assert select_among(scores, candidates, [6, 6, 6], GRID, keep=1 / 6)[0, 0].item() == 3
 
 
 def test_recovery_keys_inside_a_tape_span_follow_the_computed_tokens():
@@ -154,3 +169,18 @@ def test_recovery_inside_a_tape_span_equals_attention_over_its_key_set():
     gathered = WanAdapter().gather_block_inputs(captured["inputs"], key_set.unsqueeze(0))
     expected = block(**{**captured["inputs"], **gathered})[:, torch.searchsorted(key_set, computed_index)]
     torch.testing.assert_close(captured["output"][:, computed_index], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_the_cfg_partner_call_reuses_the_selection_and_its_recovery_keys(clean, monkeypatch, share):
+    import vidprune.lip
+
+    calls = []
+    counted = vidprune.lip.recovery_keys
+    monkeypatch.setattr(vidprune.lip, "recovery_keys", lambda *a: calls.append(1) or counted(*a))
+    pipe = clean["v2v"]
+    tape = vidprune.TapeConfig(keep=0.5, schedule="constant", share_cfg_selection=share, **SMALL_SPANS)
+    _, _, stats = tokens_per_block(pipe, vidprune.LipConfig(mask=mask(), tape=tape))
+    forwards = len(stats.forwards)  # two per step: CFG
+    assert forwards == 4 and [f.shared_selection for f in stats.forwards] == [False, share] * 2
+    assert len(calls) == 1 + 3 * (forwards // 2 if share else forwards)  # LIP's plan, then per TAPE span

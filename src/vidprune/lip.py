@@ -33,6 +33,7 @@ class LipPlan:
     index: torch.Tensor  # (1, kept) sorted kept token indices
     reference: torch.Tensor  # (tokens,) each token's reference (kept tokens: themselves)
     keys: RecoveryKeys | None  # key positions of recovered attention over all kept tokens (None: no recovery)
+    frame_counts: tuple[int, ...]  # kept tokens in each frame (host ints, for TAPE's budgets)
 
 
 class LipState(CallState):
@@ -44,6 +45,7 @@ class LipState(CallState):
         self.recording: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.tape: TapeState | None = None  # TAPE's per-call state when LipConfig.tape is set
         self.tape_queries: torch.Tensor | None = None  # TAPE's query sample among LIP's kept tokens
+        self.tape_keys: dict[int, tuple[torch.Tensor, RecoveryKeys]] = {}  # span start -> (its index, its keys)
         if self.config.tape is not None:
             self.tape = TapeState(self.config.tape)
             self.tape.reset(pipeline)
@@ -144,8 +146,13 @@ class LipPruner(TokenPruner):
         if self.config.recovery and index is plan.index:
             current.scratch["keys"] = plan.keys
         elif self.config.recovery:
-            computed = torch.zeros_like(plan.keep).index_fill_(0, index[0], True)
-            current.scratch["keys"] = recovery_keys(computed, plan.reference, current.grid, self.config.duplicates)
+            # The CFG partner call reuses the selection (the same tensor), so it reuses its keys too.
+            cached = self.state.tape_keys.get(span.start)
+            if cached is None or cached[0] is not index:
+                computed = torch.zeros_like(plan.keep).index_fill_(0, index[0], True)
+                keys = recovery_keys(computed, plan.reference, current.grid, self.config.duplicates)
+                cached = self.state.tape_keys[span.start] = (index, keys)
+            current.scratch["keys"] = cached[1]
         return index
 
     def _tape_select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor:
@@ -165,7 +172,7 @@ class LipPruner(TokenPruner):
         # A LIP-pruned position stands for its reference, so it carries the reference's score
         # into the smoothing over time.
         scores = smooth_over_time(scores[:, plan.reference], grid, config.temporal_sigma, config.temporal_radius)
-        index = select_among(scores, plan.keep, grid, keep)
+        index = select_among(scores, plan.keep, plan.frame_counts, grid, keep)
         self.selections[span.start] = index
         return index
 
@@ -215,7 +222,8 @@ class LipPruner(TokenPruner):
         keep = mask.any(dim=0).flatten()  # a token is computed if any video of the batch needs it
         reference = reference_index(keep.view(1, grid.frames, grid.height, grid.width))[0]
         keys = recovery_keys(keep, reference, grid, self.config.duplicates) if self.config.recovery else None
-        state.plan = LipPlan(keep, keep.nonzero().view(1, -1), reference, keys)
+        counts = tuple(keep.view(grid.frames, -1).sum(dim=1).tolist())
+        state.plan = LipPlan(keep, keep.nonzero().view(1, -1), reference, keys, counts)
         return state.plan
 
     def _mask(self, grid: TokenGrid) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
@@ -55,17 +56,23 @@ def select_global(scores: torch.Tensor, grid: TokenGrid, keep: float) -> torch.T
     return scores.topk(k, dim=1).indices.sort(dim=1).values
 
 
-def select_among(scores: torch.Tensor, candidates: torch.Tensor, grid: TokenGrid, keep: float) -> torch.Tensor:
+def select_among(scores: torch.Tensor, candidates: torch.Tensor, counts: Sequence[int], grid: TokenGrid,
+                 keep: float) -> torch.Tensor:
     """Top-k among the candidate tokens of every frame, k = keep x that frame's candidates (at
     least one where a frame has any): TAPE's per-frame budget inside what another method (LIP)
-    already keeps. scores: (batch, tokens), summed over the batch; candidates: (tokens,) bool.
-    Returns sorted (1, kept) indices shared by the batch."""
+    already keeps. scores: (batch, tokens), summed over the batch; candidates: (tokens,) bool;
+    counts: each frame's number of candidates, on the host. Returns sorted (1, kept) indices
+    shared by the batch, without a host sync."""
     in_frame = candidates.view(grid.frames, grid.per_frame)
-    counts = in_frame.sum(dim=1)
-    k = (counts.float() * keep).round().long().clamp(min=1).minimum(counts)
+    frame_counts = in_frame.sum(dim=1)
+    # The same float64 arithmetic on the device (per frame) and the host (the total), so they agree.
+    k = (frame_counts.double() * keep).round().long().clamp(min=1).minimum(frame_counts)
+    total = sum(min(count, max(1, round(count * keep))) for count in counts)
     frame_scores = scores.float().sum(dim=0).view(grid.frames, grid.per_frame).masked_fill(~in_frame, float("-inf"))
     rank = frame_scores.argsort(dim=1, descending=True).argsort(dim=1)
-    return ((rank < k.unsqueeze(1)) & in_frame).flatten().nonzero().view(1, -1)
+    chosen = ((rank < k.unsqueeze(1)) & in_frame).flatten()
+    # A stable descending sort puts the chosen positions first, in order: nonzero() would sync.
+    return chosen.to(torch.uint8).argsort(descending=True, stable=True)[:total].view(1, -1)
 
 
 def adjacent_frame_iou(index: torch.Tensor, grid: TokenGrid) -> float:
