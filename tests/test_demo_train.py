@@ -191,3 +191,38 @@ def test_random_crops_are_windows_of_each_video():
     assert torch.equal(crops, again)
     with pytest.raises(ValueError, match="does not fit"):
         train.random_crops(video, 13, 16, torch.Generator())
+
+
+def test_moving_pixels_are_those_off_the_temporal_median():
+    video = torch.full((1, 3, 5, 8, 8), -0.5)
+    video[:, 0, 2, 3, 4] = 0.5  # one pixel of one frame lights up in the red channel
+    video[:, 1, 1, 0, 0] = -0.4  # a change below the threshold
+    moving = train.moving_pixels(video)
+    assert moving.shape == (1, 1, 5, 8, 8)
+    assert moving.sum() == 1 and moving[0, 0, 2, 3, 4]
+
+
+def test_latent_cells_group_frames_as_the_causal_vae():
+    pixels = torch.zeros(1, 1, 9, 8, 8, dtype=torch.bool)  # latent frames {0}, {1..4}, {5..8}
+    pixels[0, 0, 5, 6, 1] = True
+    cells = train.latent_cells(pixels)
+    assert cells.shape == (1, 1, 3, 2, 2)
+    assert cells.sum() == 1 and cells[0, 0, 2, 1, 0]
+    pixels[0, 0, 0, 0, 0] = True  # frame 0 belongs to latent frame 0 alone
+    assert train.latent_cells(pixels)[0, 0, :, 0, 0].tolist() == [True, False, False]
+
+
+def test_vae_loss_weights_errors_on_moving_shapes():
+    x = torch.full((1, 3, 5, 8, 8), -0.5)
+    x[:, :, 2, 3, 4] = 0.5  # a shape pixel
+
+    class Posterior:
+        mean, logvar = torch.zeros(1, 16, 2, 2, 2), torch.zeros(1, 16, 2, 2, 2)
+
+    off_shape, on_shape = x.clone(), x.clone()
+    off_shape[:, :, 1, 0, 0] += 0.1  # a middle frame, as the shape pixel: in two frame differences too
+    on_shape[:, :, 2, 3, 4] += 0.1
+    unweighted = [train.vae_loss(r, x, Posterior, 0.0, 0.0, 0.0) for r in (off_shape, on_shape)]
+    weighted = [train.vae_loss(r, x, Posterior, 0.0, 0.0, 10.0) for r in (off_shape, on_shape)]
+    assert unweighted[0] == pytest.approx(unweighted[1])
+    assert weighted[1] > 5 * weighted[0]

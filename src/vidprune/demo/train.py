@@ -6,10 +6,11 @@
 
 `vae` trains diffusers' AutoencoderKLWan at 4x temporal and 4x spatial compression (17x128x128
 video -> 16x5x32x32 latents) on random 17x64x64 crops of the clips, with L1 + temporal-difference
-L1 + a small KL term + a still-content latent term, then measures the
+L1 (moving shapes weighted up) + a small KL term + a still-content latent term, then measures the
 per-channel latent mean/std that WanPipeline normalises latents with and stores them in the VAE
 config. `dit` trains WanTransformer3DModel (patch 1x2x2: 1280 tokens) with the rectified-flow loss
-of Wan (x_s = (1 - s) x0 + s noise, target noise - x0, s logit-normal), on MiniLM caption states
+of Wan (x_s = (1 - s) x0 + s noise, target noise - x0, s logit-normal; the latent cells of moving
+shapes weighted up), on MiniLM caption states
 padded to 64 tokens, with 10% of captions dropped to "" for classifier-free guidance and an EMA of
 the weights. `export` writes a WanPipeline folder in fp16 safetensors (UniPC scheduler with flow
 sigmas, shift 3, as Wan2.1's pipelines use) without the text encoder, which load_demo_pipeline
@@ -337,14 +338,39 @@ def static_latent_change(mean: torch.Tensor, static: torch.Tensor, std: torch.Te
     return (change * static).sum() / static.sum().clamp_min(1)
 
 
+def moving_pixels(x: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
+    """(B, 1, F, H, W): True where a video in [-1, 1] differs from its temporal median by more
+    than `threshold` in some channel (0.2 here is measure.moving_mask's 0.1 in [0, 1] units):
+    with a still camera, the moving shapes."""
+    return (x - x.median(dim=2, keepdim=True).values).abs().amax(dim=1, keepdim=True) > threshold
+
+
+def latent_cells(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 1, F, H, W) boolean pixels -> (B, 1, T, H/4, W/4): True for each latent cell whose
+    frames and 4x4 block hold a True pixel (latent frame 0 covers frame 0, latent frame t >= 1
+    frames 4t-3..4t: three copies of frame 0 in front make that every fourth frame)."""
+    padded = torch.cat([pixels[:, :, :1].expand(-1, -1, 3, -1, -1), pixels], dim=2).float()
+    return F.max_pool3d(padded, 4) > 0
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` weighted by `weights` (broadcast to their shape)."""
+    weights = weights.expand_as(values)
+    return (values * weights).sum() / weights.sum()
+
+
 def vae_loss(recon: torch.Tensor, x: torch.Tensor, posterior, kl_weight: float,
-             static_weight: float) -> torch.Tensor:
+             static_weight: float, shape_weight: float) -> torch.Tensor:
     """L1, plus L1 of frame-to-frame differences (keeps motion and still backgrounds faithful),
-    plus a small KL to N(0, 1) that keeps the latents bounded and smooth for the DiT, plus the
-    latent change over still content (LIP prunes tokens whose latent repeats the previous
-    frame's: still content must encode to the same latent in every latent frame)."""
-    l1 = (recon - x).abs().mean()
-    motion = (recon.diff(dim=2) - x.diff(dim=2)).abs().mean()
+    both with moving pixels weighted 1 + shape_weight (the shapes cover ~3% of a clip but are what
+    the captions are about), plus a small KL to N(0, 1) that keeps the latents bounded and
+    smooth for the DiT, plus the latent change over still content (LIP prunes tokens whose
+    latent repeats the previous frame's: still content must encode to the same latent in every
+    latent frame)."""
+    weights = 1 + shape_weight * moving_pixels(x).float()
+    l1 = weighted_mean((recon - x).abs(), weights)
+    pair_weights = torch.maximum(weights[:, :, 1:], weights[:, :, :-1])  # a difference involving a moving pixel
+    motion = weighted_mean((recon.diff(dim=2) - x.diff(dim=2)).abs(), pair_weights)
     mean, logvar = posterior.mean.float(), posterior.logvar.float()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     still = static_latent_change(mean, static_latent_mask(x))
@@ -417,7 +443,7 @@ def train_vae(args: argparse.Namespace) -> None:
         with autocast(device):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample
-        run.optimize(vae_loss(recon.float(), x, posterior, args.kl, args.static), vae, optimizer)
+        run.optimize(vae_loss(recon.float(), x, posterior, args.kl, args.static, args.shape_weight), vae, optimizer)
         run.tick(save, batch)
     save()
 
@@ -438,37 +464,43 @@ def train_vae(args: argparse.Namespace) -> None:
 
 
 class LatentPool:
-    """Normalised latents and caption states of recent clips, on the device. Each step replaces
-    the oldest few with new clips and trains on a random batch of the pool: every clip is used
-    several times, so encoding (costlier per clip than a DiT step) is a small part of the work."""
+    """Normalised latents, their loss weights and caption states of recent clips, on the device.
+    Each step replaces the oldest few with new clips and trains on a random batch of the pool:
+    every clip is used several times, so encoding (costlier per clip than a DiT step) is a small
+    part of the work."""
 
     def __init__(self, size: int, latent_shape: tuple[int, ...], device: torch.device):
         self.latents = torch.empty((size, *latent_shape), dtype=torch.bfloat16, device=device)
+        self.weights = torch.empty((size, 1, *latent_shape[1:]), dtype=torch.bfloat16, device=device)
         self.text = torch.empty((size, MAX_SEQUENCE_LENGTH, TEXT_DIM), dtype=torch.bfloat16, device=device)
         self.size, self.filled, self.next = size, 0, 0
 
-    def add(self, latents: torch.Tensor, text: torch.Tensor) -> None:
-        index = (self.next + torch.arange(len(latents))) % self.size
-        self.latents[index.to(self.latents.device)] = latents.to(torch.bfloat16)
-        self.text[index.to(self.text.device)] = text.to(torch.bfloat16)
+    def add(self, latents: torch.Tensor, weights: torch.Tensor, text: torch.Tensor) -> None:
+        index = ((self.next + torch.arange(len(latents))) % self.size).to(self.latents.device)
+        self.latents[index] = latents.to(torch.bfloat16)
+        self.weights[index] = weights.to(torch.bfloat16)
+        self.text[index] = text.to(torch.bfloat16)
         self.next = (self.next + len(latents)) % self.size
         self.filled = min(self.filled + len(latents), self.size)
 
-    def sample(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         index = torch.randint(self.filled, (batch,), device=self.latents.device)
-        return self.latents[index].float(), self.text[index].float()
+        return self.latents[index].float(), self.weights[index].float(), self.text[index].float()
 
 
 @torch.no_grad()
-def encode_videos(vae: AutoencoderKLWan, video: torch.Tensor, device: torch.device) -> torch.Tensor:
+def encode_videos(vae: AutoencoderKLWan, video: torch.Tensor, device: torch.device,
+                  shape_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (B, F, H, W, 3) -> latents normalised with the VAE config's mean/std, as WanPipeline
-    expects the transformer's latents to be."""
+    expects the transformer's latents to be, and each latent cell's loss weight: 1 + shape_weight
+    where a moving shape is (latent_cells of moving_pixels), else 1."""
     config = vae.config
     mean = torch.tensor(config.latents_mean, device=device).view(1, -1, 1, 1, 1)
     std = torch.tensor(config.latents_std, device=device).view(1, -1, 1, 1, 1)
+    x = to_model_input(video.to(device, non_blocking=True))
     with autocast(device):
-        z = vae.encode(to_model_input(video.to(device, non_blocking=True))).latent_dist.mode()
-    return (z.float() - mean) / std
+        z = vae.encode(x).latent_dist.mode()
+    return (z.float() - mean) / std, 1 + shape_weight * latent_cells(moving_pixels(x)).float()
 
 
 def ema_weights(transformer: WanTransformer3DModel, ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -519,7 +551,8 @@ def train_dit(args: argparse.Namespace) -> None:
 
     def add_clips() -> None:
         video, captions = next(batches)
-        pool.add(encode_videos(vae, video, device), encode_captions(tokenizer, text_encoder, captions, device))
+        latents, weights = encode_videos(vae, video, device, args.shape_weight)
+        pool.add(latents, weights, encode_captions(tokenizer, text_encoder, captions, device))
 
     latent_shape = (LATENT_CHANNELS, (sizes.frames - 1) // 4 + 1, sizes.height // 4, sizes.width // 4)
     pool = LatentPool(sizes.pool, latent_shape, device)
@@ -542,7 +575,7 @@ def train_dit(args: argparse.Namespace) -> None:
     run.begin()
     while not run.done():
         add_clips()
-        x0, text = pool.sample(batch)
+        x0, weights, text = pool.sample(batch)
         drop = torch.rand(batch, device=device) < CAPTION_DROPOUT  # "" captions, for classifier-free guidance
         text = torch.where(drop[:, None, None], empty, text)
         noise = torch.randn_like(x0)
@@ -552,7 +585,8 @@ def train_dit(args: argparse.Namespace) -> None:
         with autocast(device):
             # Timesteps are sigma * 1000, as the flow-matching schedulers give them to the pipeline.
             prediction = transformer(noisy, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
-        loss = F.mse_loss(prediction.float(), noise - x0)
+        # Weighting cells does not move the per-cell optimum, only where the gradient goes.
+        loss = weighted_mean((prediction.float() - (noise - x0)).pow(2), weights)
         if run.optimize(loss, transformer, optimizer):
             decay = min(EMA_DECAY, (1 + run.step) / (10 + run.step))
             with torch.no_grad():
@@ -642,6 +676,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--static", type=float, default=0.1,
                         help="weight of the VAE's latent change over still content (keeps still content's latents "
                              "equal across latent frames, as LIP's detection assumes)")
+    parser.add_argument("--shape-weight", type=float, default=10.0,
+                        help="extra loss weight of moving pixels (vae) and the latent cells that hold them (dit): "
+                             "the shapes the captions are about cover ~3%% of a clip")
     parser.add_argument("--save-minutes", type=float, default=2.0, help="minutes between checkpoints")
     parser.add_argument("--init", help="vae, dit: start from the model in an exported pipeline folder "
                                        "(e.g. src/vidprune/demo/model) when there is no checkpoint to resume")
