@@ -226,3 +226,19 @@ def test_vae_loss_weights_errors_on_moving_shapes():
     weighted = [train.vae_loss(r, x, Posterior, 0.0, 0.0, 10.0) for r in (off_shape, on_shape)]
     assert unweighted[0] == pytest.approx(unweighted[1])
     assert weighted[1] > 5 * weighted[0]
+
+
+def test_direction_probe_asks_each_direction_of_each_caption(folders, tmp_path):
+    path = Path(__file__).parents[1] / "benchmarks" / "demo_direction_probe.py"
+    spec = importlib.util.spec_from_file_location("demo_direction_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    captions = probe.probe_captions("heldout", 2, 5, 32)
+    assert len(captions) == 2 and all(c.endswith("the camera is still") and ", and a small" not in c for c in captions)
+    result = probe.main(["--model", str(folders["model"]), "--prompts", "1", "--steps", "2", "--frames", "5",
+                         "--size", "32", "--out", str(tmp_path)])
+    (row,) = result["rows"]
+    assert set(row["moved"]) == {"left", "right", "up", "down"}
+    assert set(row["moved"].values()) <= {"left", "right", "up", "down", "none"}
+    assert result["right"] == sum(row["moved"][d] == d for d in row["moved"])
+    assert "asked left" in (tmp_path / "demo_direction_probe_heldout.md").read_text()
