@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--latents", type=Path, default=Path("../shared/data/wan21_latents/test_latents_wan.pth"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--strength", type=float, default=0.8)
+    parser.add_argument("--tape-keep", type=float, default=0.5, help="TAPE's keep among LIP's kept tokens (lip-tape rows)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--profile", action="store_true", help="also compare GPU kernel time with wall time per forward")
     args = parser.parse_args()
@@ -73,6 +74,10 @@ def main() -> None:
         "lip": vidprune.LipConfig(source_latents=source),
         "lip-dup2": vidprune.LipConfig(duplicates=2, source_latents=source),
         "lip-clean-kv": vidprune.LipConfig(kv_source="clean", source_latents=source),
+        # TAPE prunes among the tokens LIP keeps (half of them, on average over the steps).
+        "lip-noar-tape": vidprune.LipConfig(recovery=False, tape=vidprune.TapeConfig(keep=args.tape_keep),
+                                            source_latents=source),
+        "lip-tape": vidprune.LipConfig(tape=vidprune.TapeConfig(keep=args.tape_keep), source_latents=source),
     }
     timer = ForwardTimer(transformer)
     results = {}
@@ -83,7 +88,7 @@ def main() -> None:
             results[name] = entry
             print(name, {k: v for k, v in entry.items() if k != "forward_ms"}, flush=True)
     if args.profile:
-        for name in ("unpruned", "lip-noar", "lip"):
+        for name in ("unpruned", "lip-noar", "lip", "lip-noar-tape", "lip-tape"):
             results[name]["gpu_kernel_ms_per_forward"] = kernel_time_per_forward(pipe, methods[name], call, timer)
             print(name, "GPU kernel ms per forward", results[name]["gpu_kernel_ms_per_forward"], flush=True)
     vidprune.remove(pipe)
@@ -91,9 +96,10 @@ def main() -> None:
     for entry in results.values():
         entry["speedup_forward"] = base["forward_ms_median"] / entry["forward_ms_median"]
         entry["speedup_call"] = base["call_s"] / entry["call_s"]
-    noar = results["lip-noar"]["forward_ms_median"]
-    for name in ("lip", "lip-dup2", "lip-clean-kv"):
-        results[name]["recovery_cost_over_noar"] = results[name]["forward_ms_median"] / noar - 1
+    for name, without in (("lip", "lip-noar"), ("lip-dup2", "lip-noar"), ("lip-clean-kv", "lip-noar"),
+                          ("lip-tape", "lip-noar-tape")):
+        results[name]["recovery_cost_over_noar"] = (results[name]["forward_ms_median"]
+                                                    / results[without]["forward_ms_median"] - 1)
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lip_speed_1.3b.json").write_text(json.dumps({"info": info, "methods": results}, indent=2))
@@ -127,10 +133,11 @@ def markdown(info: dict, results: dict, args: argparse.Namespace) -> str:
         f"Random weights (latency does not depend on weights), bf16, torch {info['torch']}. Source: real Wan2.1 "
         f"latents {info['latents']} ({info['tokens']} tokens) of a low-motion clip (taehv example files); default "
         f"detection (tau 0.149, tau2 0.3, all clean-up stages) prunes {info['prune_ratio']:.1%} of the tokens. "
-        f"{args.steps} steps at strength {args.strength} with CFG (two forwards a step). Made by "
-        "`python benchmarks/lip_speed.py`.",
+        f"{args.steps} steps at strength {args.strength} with CFG (two forwards a step). The -tape rows add TAPE "
+        f"at keep {args.tape_keep} among LIP's kept tokens (default schedule; their recovery cost is over "
+        "lip-noar-tape). Made by `python benchmarks/lip_speed.py`.",
         "",
-        "| method | kept | forward ms (median) | GPU kernel ms per forward | speedup | call s | call speedup | recovery cost over lip-noar | peak GiB |",
+        "| method | kept | forward ms (median) | GPU kernel ms per forward | speedup | call s | call speedup | recovery cost (over the same without recovery) | peak GiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in results.items():
