@@ -242,3 +242,22 @@ def test_direction_probe_asks_each_direction_of_each_caption(folders, tmp_path):
     assert set(row["moved"].values()) <= {"left", "right", "up", "down", "none"}
     assert result["right"] == sum(row["moved"][d] == d for d in row["moved"])
     assert "asked left" in (tmp_path / "demo_direction_probe_heldout.md").read_text()
+
+
+def test_training_sigmas_shift_as_the_sampler_does():
+    from diffusers import UniPCMultistepScheduler
+
+    torch.manual_seed(0)
+    plain = train.training_sigmas(20000, 1.0, torch.device("cpu"))
+    torch.manual_seed(0)
+    shifted = train.training_sigmas(20000, 3.0, torch.device("cpu"))
+    assert (plain > 0).all() and (plain < 1).all()
+    assert (shifted > 0.9).float().mean() > 5 * (plain > 0.9).float().mean()
+    # The same map the flow-matching scheduler applies to its sigmas with flow_shift=3.
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    scheduler.set_timesteps(10)
+    unshifted = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0)
+    unshifted.set_timesteps(10)
+    s = unshifted.sigmas[:-1]
+    assert torch.allclose(3 * s / (1 + 2 * s), scheduler.sigmas[:-1], atol=1e-5)
+    assert torch.allclose(shifted, 3 * plain / (1 + 2 * plain))

@@ -503,6 +503,14 @@ def encode_videos(vae: AutoencoderKLWan, video: torch.Tensor, device: torch.devi
     return (z.float() - mean) / std, 1 + shape_weight * latent_cells(moving_pixels(x)).float()
 
 
+def training_sigmas(batch: int, shift: float, device: torch.device) -> torch.Tensor:
+    """Noise levels to train on: logit-normal, as SD3, then shifted as the flow-matching
+    samplers shift theirs (shift * s / (1 + (shift - 1) * s)); shift > 1 trains more at the high
+    noise levels where a sampler with flow_shift = shift spends more of its steps."""
+    s = torch.sigmoid(torch.randn(batch, device=device))
+    return shift * s / (1 + (shift - 1) * s)
+
+
 def ema_weights(transformer: WanTransformer3DModel, ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The transformer's state dict with the EMA in place of the parameters."""
     return {name: ema.get(name, value).detach().cpu() for name, value in transformer.state_dict().items()}
@@ -579,7 +587,7 @@ def train_dit(args: argparse.Namespace) -> None:
         drop = torch.rand(batch, device=device) < CAPTION_DROPOUT  # "" captions, for classifier-free guidance
         text = torch.where(drop[:, None, None], empty, text)
         noise = torch.randn_like(x0)
-        sigma = torch.sigmoid(torch.randn(batch, device=device))  # logit-normal noise level, as SD3
+        sigma = training_sigmas(batch, args.sigma_shift, device)
         s = sigma.view(-1, 1, 1, 1, 1)
         noisy = (1 - s) * x0 + s * noise
         with autocast(device):
@@ -679,6 +687,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shape-weight", type=float, default=10.0,
                         help="extra loss weight of moving pixels (vae) and the latent cells that hold them (dit): "
                              "the shapes the captions are about cover ~3%% of a clip")
+    parser.add_argument("--sigma-shift", type=float, default=1.0,
+                        help="dit: shift the logit-normal training noise levels as a sampler with this flow_shift "
+                             "does (1: unshifted; the shipped sampler uses 3)")
     parser.add_argument("--save-minutes", type=float, default=2.0, help="minutes between checkpoints")
     parser.add_argument("--init", help="vae, dit: start from the model in an exported pipeline folder "
                                        "(e.g. src/vidprune/demo/model) when there is no checkpoint to resume")
