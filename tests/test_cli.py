@@ -21,6 +21,16 @@ def test_generate_writes_a_video_and_prints_stats(tmp_path, capsys):
     assert len(frames) == 5 and frames[0].shape == (64, 64, 3)
 
 
+def test_generate_with_comparison_reports_fidelity_against_the_unpruned_video(tmp_path, capsys):
+    main(["generate", "a red circle moves left", "--keep", "0.5", "--compare", "-o", str(tmp_path / "clip.mp4"),
+          *SMALL])
+    printed = capsys.readouterr().out
+    assert "unpruned video:" in printed and "PSNR against it" in printed and "inf dB" not in printed
+    main(["generate", "a red circle moves left", "--keep", "1.0", "--compare", "-o", str(tmp_path / "same.mp4"),
+          *SMALL])
+    assert "PSNR against it inf dB" in capsys.readouterr().out  # keep 1.0 is the unpruned video, bit for bit
+
+
 def test_generate_with_a_model_folder(tmp_path, capsys):
     from vidprune.demo.pipeline import MODEL_DIR
 

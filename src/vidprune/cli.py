@@ -95,22 +95,35 @@ def generate(args: argparse.Namespace) -> None:
     if config is not None:
         apply(pipe, config)
     print(f"method: {args.method}" + (f" (mean keep {args.keep})" if config is not None else ""))
-    started = time.perf_counter()
-    frames = pipe(
-        prompt=args.prompt,
-        height=args.height,
-        width=args.width,
-        num_frames=args.frames,
-        generator=torch.Generator(device).manual_seed(args.seed),
-        output_type="np",
-        **call_settings(args),
-    ).frames[0]
-    elapsed = time.perf_counter() - started
-    path = write_video(frames, args.output, fps=args.fps)
+
+    def run() -> tuple[object, float]:
+        started = time.perf_counter()
+        frames = pipe(
+            prompt=args.prompt, height=args.height, width=args.width, num_frames=args.frames,
+            generator=torch.Generator(device).manual_seed(args.seed), output_type="np", **call_settings(args),
+        ).frames[0]
+        return frames, time.perf_counter() - started
+
+    frames, elapsed = run()
     if config is not None:
         print(stats(pipe))
+    if args.compare:
+        compare_with_unpruned(pipe, run, frames, elapsed, "video")
+    path = write_video(frames, args.output, fps=args.fps)
     print(f"generated {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]} in {elapsed:.2f} s "
           f"on {device} -> {path}")
+
+
+def compare_with_unpruned(pipe, run, frames, elapsed: float, what: str) -> None:
+    """Run the same call again without vidprune and print the speedup and the fidelity of
+    `frames` against that unpruned result (same prompt, seed and settings)."""
+    from .metrics import flicker, psnr
+
+    remove(pipe)
+    reference, reference_time = run()
+    print(f"unpruned {what}: {reference_time:.2f} s (speedup {reference_time / elapsed:.2f}x); "
+          f"PSNR against it {psnr(frames, reference):.2f} dB; flicker {flicker(frames):.4f} "
+          f"(unpruned {flicker(reference):.4f})")
 
 
 def source_video(path: str, max_frames: int | None, height: int | None, width: int | None):
@@ -131,8 +144,6 @@ def source_video(path: str, max_frames: int | None, height: int | None, width: i
 
 
 def edit(args: argparse.Namespace) -> None:
-    from .metrics import flicker, psnr
-
     device, dtype = _device(args.device)
     check_output_path(args.output)
     detection = LipDetection(tau=args.tau, target_prune=args.target_prune)
@@ -164,11 +175,7 @@ def edit(args: argparse.Namespace) -> None:
         print(f"tokens pruned: {1 - stats(pipe).mean_keep:.1%}, estimated block FLOPs saved {stats(pipe).flops_saved:.1%}")
     print(f"edited in {elapsed:.2f} s on {device}")
     if args.compare:
-        remove(pipe)
-        reference, reference_time = run()
-        print(f"unpruned edit: {reference_time:.2f} s (speedup {reference_time / elapsed:.2f}x); "
-              f"PSNR against it {psnr(frames, reference):.2f} dB; flicker {flicker(frames):.4f} "
-              f"(unpruned {flicker(reference):.4f})")
+        compare_with_unpruned(pipe, run, frames, elapsed, "edit")
     path = write_video(frames, args.output, fps=args.fps)
     print(f"wrote {path}")
 
@@ -226,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--frames", type=int, default=17, help="video frames (4k+1 for Wan)")
     gen.add_argument("--height", type=int, default=128, help="the demo model is trained at 128x128")
     gen.add_argument("--width", type=int, default=128)
+    gen.add_argument("--compare", action="store_true",
+                     help="also generate without pruning (same seed) and report the speedup and PSNR against it")
     gen.add_argument("-o", "--output", default="out.mp4", help=".mp4 or .gif file to write")
     _common_arguments(gen)
     gen.set_defaults(run=generate)
