@@ -261,3 +261,15 @@ def test_training_sigmas_shift_as_the_sampler_does():
     s = unshifted.sigmas[:-1]
     assert torch.allclose(3 * s / (1 + 2 * s), scheduler.sigmas[:-1], atol=1e-5)
     assert torch.allclose(shifted, 3 * plain / (1 + 2 * plain))
+
+
+def test_dit_loss_weights_the_cells_of_moving_shapes():
+    x0, noise = torch.zeros(1, 16, 2, 4, 4), torch.zeros(1, 16, 2, 4, 4)
+    video = torch.full((1, 3, 5, 16, 16), -0.5)
+    video[:, :, 3, 0:4, 0:4] = 0.5  # a shape in frame 3: latent frame 1, cell (0, 0)
+    weights = 1 + 10 * train.latent_cells(train.moving_pixels(video)).float()
+    on_shape, off_shape = torch.zeros_like(x0), torch.zeros_like(x0)
+    on_shape[:, :, 1, 0, 0] = 1.0
+    off_shape[:, :, 1, 3, 3] = 1.0
+    assert train.flow_loss(on_shape, noise, x0, weights) == pytest.approx(11 * train.flow_loss(off_shape, noise, x0, weights))
+    assert train.flow_loss(on_shape, noise, x0, torch.ones_like(weights)) == train.flow_loss(off_shape, noise, x0, torch.ones_like(weights))

@@ -55,11 +55,22 @@ def colour_classes(rgb: np.ndarray) -> np.ndarray:
     return np.where((saturation < 0.2) & (value > 0.75), _NAMES.index("white"), classes)
 
 
-def moving_mask(video: np.ndarray, threshold: float = 0.1) -> np.ndarray:
-    """(frames, height, width) pixels that differ from the clip's temporal median by more than
-    threshold in some channel: with a still camera, the median is the background."""
-    video = to_float(video)
-    return (np.abs(video - np.median(video, axis=0)) > threshold).any(axis=-1)
+MOVING_THRESHOLD = 0.1  # in [0, 1] pixel units
+
+
+def moving_pixels(video: torch.Tensor, threshold: float, time_dim: int, channel_dim: int) -> torch.Tensor:
+    """True where a video differs from its temporal median by more than `threshold` in some
+    channel (the channel dimension kept, size 1): with a still camera, the median is the
+    background. Shared by this measurement and the demo training's shape-weighted losses."""
+    median = video.median(dim=time_dim, keepdim=True).values
+    return ((video - median).abs() > threshold).any(dim=channel_dim, keepdim=True)
+
+
+def moving_mask(video: np.ndarray, threshold: float = MOVING_THRESHOLD) -> np.ndarray:
+    """(frames, height, width) pixels of a (frames, height, width, 3) video that differ from
+    the clip's temporal median by more than threshold in some channel."""
+    frames = torch.from_numpy(to_float(video))
+    return moving_pixels(frames, threshold, time_dim=0, channel_dim=-1)[..., 0].numpy()
 
 
 def _moving_classes(video: np.ndarray) -> np.ndarray:

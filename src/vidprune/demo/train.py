@@ -42,6 +42,7 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, Wa
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from . import measure
 from .data import make_clip
 from .pipeline import FLOW_SHIFT, HEIGHT, MAX_SEQUENCE_LENGTH, NUM_FRAMES, WIDTH, load_minilm
 
@@ -338,11 +339,10 @@ def static_latent_change(mean: torch.Tensor, static: torch.Tensor, std: torch.Te
     return (change * static).sum() / static.sum().clamp_min(1)
 
 
-def moving_pixels(x: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
-    """(B, 1, F, H, W): True where a video in [-1, 1] differs from its temporal median by more
-    than `threshold` in some channel (0.2 here is measure.moving_mask's 0.1 in [0, 1] units):
-    with a still camera, the moving shapes."""
-    return (x - x.median(dim=2, keepdim=True).values).abs().amax(dim=1, keepdim=True) > threshold
+def moving_pixels(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, F, H, W): the pixels of a (B, 3, F, H, W) video in [-1, 1] that measure.py counts
+    as moving (off the temporal median): with a still camera, the shapes."""
+    return measure.moving_pixels(x, 2 * measure.MOVING_THRESHOLD, time_dim=2, channel_dim=1)
 
 
 def latent_cells(pixels: torch.Tensor) -> torch.Tensor:
@@ -511,6 +511,12 @@ def training_sigmas(batch: int, shift: float, device: torch.device) -> torch.Ten
     return shift * s / (1 + (shift - 1) * s)
 
 
+def flow_loss(prediction: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Rectified-flow loss (the velocity target noise - x0), each latent cell weighted by
+    `weights` (B, 1, T, h, w): weighting moves no cell's optimum, only where the gradient goes."""
+    return weighted_mean((prediction - (noise - x0)).pow(2), weights)
+
+
 def ema_weights(transformer: WanTransformer3DModel, ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The transformer's state dict with the EMA in place of the parameters."""
     return {name: ema.get(name, value).detach().cpu() for name, value in transformer.state_dict().items()}
@@ -593,8 +599,7 @@ def train_dit(args: argparse.Namespace) -> None:
         with autocast(device):
             # Timesteps are sigma * 1000, as the flow-matching schedulers give them to the pipeline.
             prediction = transformer(noisy, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
-        # Weighting cells does not move the per-cell optimum, only where the gradient goes.
-        loss = weighted_mean((prediction.float() - (noise - x0)).pow(2), weights)
+        loss = flow_loss(prediction.float(), noise, x0, weights)
         if run.optimize(loss, transformer, optimizer):
             decay = min(EMA_DECAY, (1 + run.step) / (10 + run.step))
             with torch.no_grad():
