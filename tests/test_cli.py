@@ -31,6 +31,13 @@ def test_generate_with_comparison_reports_fidelity_against_the_unpruned_video(tm
     assert "PSNR against it inf dB" in capsys.readouterr().out  # keep 1.0 is the unpruned video, bit for bit
 
 
+@pytest.mark.parametrize("command", [["generate", "x"], ["edit", "in.mp4", "--prompt", "x"]])
+def test_compare_needs_a_pruning_method(command, capsys):
+    with pytest.raises(SystemExit):
+        main([*command, "--method", "none", "--compare"])
+    assert "needs a --method other than none" in capsys.readouterr().err
+
+
 def test_generate_with_a_model_folder(tmp_path, capsys):
     from vidprune.demo.pipeline import MODEL_DIR
 

@@ -290,7 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "compare", False) and args.method == "none":
+        parser.error("--compare sets the pruned video against the unpruned one: it needs a --method other than none")
     try:
         args.run(args)
     except (ValueError, TypeError, FileNotFoundError) as error:
