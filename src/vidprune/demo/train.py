@@ -9,8 +9,8 @@ video -> 16x5x32x32 latents) on random 17x64x64 crops of the clips, with L1 + te
 L1 (moving shapes weighted up) + a small KL term + a still-content latent term, then measures the
 per-channel latent mean/std that WanPipeline normalises latents with and stores them in the VAE
 config. `dit` trains WanTransformer3DModel (patch 1x2x2: 1280 tokens) with the rectified-flow loss
-of Wan (x_s = (1 - s) x0 + s noise, target noise - x0, s logit-normal; the latent cells of moving
-shapes weighted up), on MiniLM caption states
+of Wan (x_s = (1 - s) x0 + s noise, target noise - x0, s logit-normal shifted as the sampler
+shifts its steps; the latent cells of moving shapes weighted up), on MiniLM caption states
 padded to 64 tokens, with 10% of captions dropped to "" for classifier-free guidance and an EMA of
 the weights. `export` writes a WanPipeline folder in fp16 safetensors (UniPC scheduler with flow
 sigmas, shift 3, as Wan2.1's pipelines use) without the text encoder, which load_demo_pipeline
@@ -692,9 +692,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shape-weight", type=float, default=10.0,
                         help="extra loss weight of moving pixels (vae) and the latent cells that hold them (dit): "
                              "the shapes the captions are about cover ~3%% of a clip")
-    parser.add_argument("--sigma-shift", type=float, default=1.0,
+    parser.add_argument("--sigma-shift", type=float, default=FLOW_SHIFT,
                         help="dit: shift the logit-normal training noise levels as a sampler with this flow_shift "
-                             "does (1: unshifted; the shipped sampler uses 3)")
+                             "does (default: the exported sampler's; 1: unshifted). Unshifted, 1.4%% of samples "
+                             "fall above noise level 0.9, where the sampler decides which way a shape moves")
     parser.add_argument("--save-minutes", type=float, default=2.0, help="minutes between checkpoints")
     parser.add_argument("--init", help="vae, dit: start from the model in an exported pipeline folder "
                                        "(e.g. src/vidprune/demo/model) when there is no checkpoint to resume")
