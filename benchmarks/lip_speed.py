@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -35,6 +36,10 @@ def main() -> None:
     parser.add_argument("--tape-keep", type=float, default=0.5, help="TAPE's keep among LIP's kept tokens (lip-tape rows)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--profile", action="store_true", help="also compare GPU kernel time with wall time per forward")
+    parser.add_argument("--compile", action="store_true",
+                        help="after the eager rows, vidprune.compile_blocks and every method again in the same "
+                             "process (rows ' (compiled)'); results go to lip_speed_1.3b_compiled.*")
+    parser.add_argument("--methods", nargs="+", help="run only these rows (default: all; unpruned always runs)")
     args = parser.parse_args()
     device = "cuda"
     torch.manual_seed(0)
@@ -55,6 +60,7 @@ def main() -> None:
         "prune_ratio": float(report.overall[0]),
         "prune_ratio_per_frame": [round(float(r), 3) for r in report.per_frame[0]],
         "weights": "random (latency does not depend on weights)",
+        "compiled_blocks": args.compile,
     }
     print(info, flush=True)
 
@@ -79,32 +85,52 @@ def main() -> None:
                                             source_latents=source),
         "lip-tape": vidprune.LipConfig(tape=vidprune.TapeConfig(keep=args.tape_keep), source_latents=source),
     }
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(methods))
+        if unknown:
+            parser.error(f"unknown --methods {', '.join(unknown)}; accepted: {', '.join(methods)}")
+        methods = {name: config for name, config in methods.items() if name == "unpruned" or name in args.methods}
     timer = ForwardTimer(transformer)
     results = {}
-    with torch.no_grad():
-        for name, config in methods.items():
-            entry = measure_calls(pipe, config, call, args.steps, timer)
-            entry["kept_fraction"] = entry.pop("mean_keep", 1.0)
-            results[name] = entry
-            print(name, {k: v for k, v in entry.items() if k != "forward_ms"}, flush=True)
-    if args.profile:
-        for name in ("unpruned", "lip-noar", "lip", "lip-noar-tape", "lip-tape"):
-            results[name]["gpu_kernel_ms_per_forward"] = kernel_time_per_forward(pipe, methods[name], call, timer)
-            print(name, "GPU kernel ms per forward", results[name]["gpu_kernel_ms_per_forward"], flush=True)
+    modes = [""] + [" (compiled)"] * args.compile  # the eager rows first: compiling cannot be undone
+    for mode in modes:
+        if mode:
+            vidprune.remove(pipe)
+            vidprune.compile_blocks(pipe)
+        with torch.no_grad():
+            for name, config in methods.items():
+                entry = measure_calls(pipe, config, call, args.steps, timer)
+                entry["kept_fraction"] = entry.pop("mean_keep", 1.0)
+                results[name + mode] = entry
+                print(name + mode, {k: v for k, v in entry.items() if k != "forward_ms"}, flush=True)
+        if args.profile:
+            for name in [name for name in ("unpruned", "lip-noar", "lip", "lip-noar-tape", "lip-tape") if name in methods]:
+                kernel_ms = kernel_time_per_forward(pipe, methods[name], call, timer)
+                results[name + mode]["gpu_kernel_ms_per_forward"] = kernel_ms
+                print(name + mode, "GPU kernel ms per forward", kernel_ms, flush=True)
     vidprune.remove(pipe)
-    base = results["unpruned"]
-    for entry in results.values():
-        entry["speedup_forward"] = base["forward_ms_median"] / entry["forward_ms_median"]
-        entry["speedup_call"] = base["call_s"] / entry["call_s"]
-    for name, without in (("lip", "lip-noar"), ("lip-dup2", "lip-noar"), ("lip-clean-kv", "lip-noar"),
-                          ("lip-tape", "lip-noar-tape")):
-        results[name]["recovery_cost_over_noar"] = (results[name]["forward_ms_median"]
-                                                    / results[without]["forward_ms_median"] - 1)
+    if args.compile:  # one graph per distinct block code path; many more would mean recompiles
+        from torch._dynamo.utils import counters
+
+        info["dynamo"] = {"unique_graphs": counters["stats"]["unique_graphs"], "frames": dict(counters["frames"])}
+    for mode in modes:
+        base = results["unpruned" + mode]  # each mode's speedups are over its own unpruned rows
+        for name in methods:
+            entry = results[name + mode]
+            entry["speedup_forward"] = base["forward_ms_median"] / entry["forward_ms_median"]
+            entry["speedup_call"] = base["call_s"] / entry["call_s"]
+            entry["speedup_call_over_eager_unpruned"] = results["unpruned"]["call_s"] / entry["call_s"]
+        for name, without in (("lip", "lip-noar"), ("lip-dup2", "lip-noar"), ("lip-clean-kv", "lip-noar"),
+                              ("lip-tape", "lip-noar-tape")):
+            if name in methods and without in methods:
+                results[name + mode]["recovery_cost_over_noar"] = (
+                    results[name + mode]["forward_ms_median"] / results[without + mode]["forward_ms_median"] - 1)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lip_speed_1.3b.json").write_text(json.dumps({"info": info, "methods": results}, indent=2))
+    name = "lip_speed_1.3b_compiled" if args.compile else "lip_speed_1.3b"
+    (args.out / f"{name}.json").write_text(json.dumps({"info": info, "methods": results}, indent=2))
     text = markdown(info, results, args)
-    (args.out / "lip_speed_1.3b.md").write_text(text)
+    (args.out / f"{name}.md").write_text(text)
     print(text)
 
 
@@ -128,17 +154,23 @@ def kernel_time_per_forward(pipe, config, call, timer: ForwardTimer) -> float:
 
 def markdown(info: dict, results: dict, args: argparse.Namespace) -> str:
     lines = [
-        f"# LIP speed, WanVideoToVideoPipeline, Wan2.1-1.3B-shaped transformer, {info['device']}",
+        f"# LIP speed, WanVideoToVideoPipeline, Wan2.1-1.3B-shaped transformer, {info['device']}"
+        + (", eager and with compiled blocks" if args.compile else ""),
         "",
         f"Random weights (latency does not depend on weights), bf16, torch {info['torch']}. Source: real Wan2.1 "
         f"latents {info['latents']} ({info['tokens']} tokens) of a low-motion clip (taehv example files); default "
         f"detection (tau 0.149, tau2 0.3, all clean-up stages) prunes {info['prune_ratio']:.1%} of the tokens. "
         f"{args.steps} steps at strength {args.strength} with CFG (two forwards a step). The -tape rows add TAPE "
         f"at keep {args.tape_keep} among LIP's kept tokens (default schedule; their recovery cost is over "
-        "lip-noar-tape). Made by `python benchmarks/lip_speed.py`.",
+        "lip-noar-tape). "
+        + ("Rows ' (compiled)': the same methods after vidprune.compile_blocks (each block's forward "
+           "torch.compiled, dynamic shapes, before vidprune wraps it), in the same process after the eager rows; "
+           "compilation happens in the warm-up calls; their speedup is over the compiled unpruned row, the last "
+           "column's over the eager one. " if args.compile else "")
+        + f"Made by `python benchmarks/lip_speed.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`.",
         "",
-        "| method | kept | forward ms (median) | GPU kernel ms per forward | speedup | call s | call speedup | recovery cost (over the same without recovery) | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | kept | forward ms (median) | GPU kernel ms per forward | speedup | call s | call speedup | recovery cost (over the same without recovery) | peak GiB | call speedup over eager unpruned |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in results.items():
         cost = e.get("recovery_cost_over_noar")
@@ -146,9 +178,11 @@ def markdown(info: dict, results: dict, args: argparse.Namespace) -> str:
             f"| {name} | {e.get('kept_fraction', 1.0):.3f} | {e['forward_ms_median']:.1f} | "
             f"{e.get('gpu_kernel_ms_per_forward', float('nan')):.1f} | {e['speedup_forward']:.2f}x | "
             f"{e['call_s']:.2f} | {e['speedup_call']:.2f}x | {'' if cost is None else f'{cost:+.1%}'} | "
-            f"{e['peak_memory_gib']:.1f} |"
+            f"{e['peak_memory_gib']:.1f} | {e['speedup_call_over_eager_unpruned']:.2f}x |"
         )
     lines += ["", "Prune ratio per latent frame: " + ", ".join(f"{r:.2f}" for r in info["prune_ratio_per_frame"])]
+    if "dynamo" in info:
+        lines += ["", f"torch.compile made {info['dynamo']['unique_graphs']} graph(s) in all (frames: {info['dynamo']['frames']})."]
     return "\n".join(lines) + "\n"
 
 

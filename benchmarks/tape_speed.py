@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -93,12 +94,16 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also profile a TAPE call by operator")
     parser.add_argument("--methods", nargs="*", help="only these methods (and unpatched)")
     parser.add_argument("--name", default="tape_speed", help="output file name stem")
+    parser.add_argument("--compile", action="store_true",
+                        help="vidprune.compile_blocks for every method, unpatched included (give --name too)")
     args = parser.parse_args()
     device = "cuda"
     torch.manual_seed(0)
 
     pipe = build_random_pipeline(args.shape, device)
     pipe.set_progress_bar_config(disable=True)
+    if args.compile:
+        vidprune.compile_blocks(pipe)
     transformer, scheduler = pipe.transformer, pipe.scheduler
     adapter = adapter_for(transformer)
     latent_frames = (args.frames - 1) // 4 + 1
@@ -117,6 +122,7 @@ def main() -> None:
         "weights": "random (latency does not depend on weights)",
         "dtype": "bfloat16",
         "attention": "PyTorch SDPA via diffusers",
+        "compiled_blocks": args.compile,
     }
     print(info, flush=True)
 
@@ -259,7 +265,10 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
         f"Random weights (latency does not depend on weights), bf16, {info['attention']}, torch {info['torch']}, "
         f"{info['video'][1]}x{info['video'][2]}x{info['video'][0]} video = {info['tokens']} tokens "
         f"(grid {'x'.join(map(str, info['grid']))}). WanPipeline calls of {args.steps} steps with CFG "
-        f"(2 forwards a step), UniPC flow_shift 3.0. Made by `python benchmarks/tape_speed.py --shape {info['shape']}`.",
+        f"(2 forwards a step), UniPC flow_shift 3.0. "
+        + ("Every method, unpatched included, with its blocks compiled (vidprune.compile_blocks, dynamic shapes; "
+           "compilation happens in the warm-up call). " if info.get("compiled_blocks") else "")
+        + "Made by `python benchmarks/tape_speed.py " + " ".join(sys.argv[1:]) + "`.",
         "",
         "| method | mean keep | forward ms (median) | speedup | ideal forward ms | measured / ideal | call s | call speedup | first call s |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -5,12 +5,14 @@
     video = pipe(prompt).frames[0]
     print(vidprune.stats(pipe))                          # tokens kept per step and span
     vidprune.remove(pipe)                                # back to bit-identical behaviour
+
+On a GPU, vidprune.compile_blocks(pipe) before apply turns saved kernel time into saved wall time.
 """
 
 from .adapters import UnsupportedModelError, supported_classes
 from .config import LipConfig, TapeConfig
 from .interframe import LipDetection
-from .patch import apply, remove, stats
+from .patch import apply, compile_blocks, remove, stats
 from .stats import PruneStats
 
 __version__ = "0.1.0"
@@ -22,6 +24,7 @@ __all__ = [
     "PruneStats",
     "UnsupportedModelError",
     "apply",
+    "compile_blocks",
     "remove",
     "stats",
     "supported_classes",
