@@ -6,7 +6,7 @@
     print(vidprune.stats(pipe))                          # tokens kept per step and span
     vidprune.remove(pipe)                                # back to bit-identical behaviour
 
-On a GPU, vidprune.compile_blocks(pipe) before apply turns saved kernel time into saved wall time.
+On a GPU, vidprune.compile_blocks(pipe) before apply compiles the blocks that pruning wraps.
 """
 
 from .adapters import UnsupportedModelError, supported_classes
