@@ -113,11 +113,13 @@ def remove(target: Any) -> Any:
 def compile_blocks(target: Any, **compile_options: Any) -> Any:
     """torch.compile the forward of every transformer block of a pipeline or transformer, in
     place; call it before `apply`. The pruning hooks then wrap the compiled blocks: gathering,
-    selection and scattering stay eager, each block's own kernels are fused. Pruned forwards
-    launch far fewer kernels than unpruned ones take time, so without this they are bound by
-    kernel launches on a GPU. Shapes are dynamic by default (token counts change with pruning);
-    `compile_options` go to torch.compile. `remove` does not undo it. Returns `target`."""
+    selection and scattering stay eager, each block's own kernels are fused. Why: on a GPU the
+    kernels of a pruned forward are short, so launching them sets its time; fusing cuts both
+    the kernels and their launches. Shapes are dynamic by default (token counts change with
+    pruning); `compile_options` go to torch.compile. `remove` does not undo it. Returns `target`."""
     transformers = _transformers(target) if _is_pipeline(target) else [target]
+    if not transformers:
+        raise ValueError(f"{type(target).__name__} has no transformer to compile")
     for transformer in transformers:
         if not isinstance(transformer, torch.nn.Module):
             raise TypeError(f"compile_blocks takes a diffusers pipeline or transformer, got {type(target).__name__}")
