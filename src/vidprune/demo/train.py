@@ -695,7 +695,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sigma-shift", type=float, default=FLOW_SHIFT,
                         help="dit: shift the logit-normal training noise levels as a sampler with this flow_shift "
                              "does (default: the exported sampler's; 1: unshifted). Unshifted, 1.4%% of samples "
-                             "fall above noise level 0.9, where the sampler decides which way a shape moves")
+                             "fall above noise level 0.9, where the sampler spends 7 of its 25 steps; training "
+                             "there gave the demo model its directions of motion (round 6)")
     parser.add_argument("--save-minutes", type=float, default=2.0, help="minutes between checkpoints")
     parser.add_argument("--init", help="vae, dit: start from the model in an exported pipeline folder "
                                        "(e.g. src/vidprune/demo/model) when there is no checkpoint to resume")
