@@ -93,10 +93,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--profile", action="store_true", help="also profile a TAPE call by operator")
     parser.add_argument("--methods", nargs="*", help="only these methods (and unpatched)")
-    parser.add_argument("--name", default="tape_speed", help="output file name stem")
-    parser.add_argument("--compile", action="store_true",
-                        help="vidprune.compile_blocks for every method, unpatched included (give --name too)")
+    parser.add_argument("--name", help="output file name stem (default: tape_speed, or tape_speed_compiled)")
+    parser.add_argument("--compile", action="store_true", help="vidprune.compile_blocks for every method, unpatched included")
     args = parser.parse_args()
+    args.name = args.name or ("tape_speed_compiled" if args.compile else "tape_speed")
     device = "cuda"
     torch.manual_seed(0)
 

@@ -44,18 +44,24 @@ def _pruned_pipeline_class(cls: type) -> type:
     return _pruned_pipeline_classes[cls]
 
 
+def _targets(target: Any, function: str) -> list[torch.nn.Module]:
+    """The transformers of a pipeline, or [target] for a transformer; an error naming `function`
+    for anything else."""
+    if _is_pipeline(target):
+        transformers = _transformers(target)
+        if not transformers:
+            raise ValueError(f"{type(target).__name__} has no transformer for vidprune.{function}")
+        return transformers
+    if isinstance(target, torch.nn.Module):
+        return [target]
+    raise TypeError(f"vidprune.{function} takes a diffusers pipeline or transformer, got {type(target).__name__}")
+
+
 def _check_target(target: Any, config: TapeConfig | LipConfig) -> list[torch.nn.Module]:
     """The transformers to prune, or an error saying why `target` cannot take `config`."""
     if type(config) not in METHODS:
         raise TypeError(f"config must be a vidprune.TapeConfig or vidprune.LipConfig, got {type(config).__name__}")
-    if _is_pipeline(target):
-        transformers = _transformers(target)
-        if not transformers:
-            raise ValueError(f"{type(target).__name__} has no transformer to prune")
-    elif isinstance(target, torch.nn.Module):
-        transformers = [target]
-    else:
-        raise TypeError(f"vidprune.apply takes a diffusers pipeline or transformer, got {type(target).__name__}")
+    transformers = _targets(target, "apply")
     adapters = [adapter_for(t) for t in transformers]
     tape = config if isinstance(config, TapeConfig) else config.tape
     if tape is not None and tape.needs_step_list and not _is_pipeline(target):
@@ -117,12 +123,7 @@ def compile_blocks(target: Any, **compile_options: Any) -> Any:
     kernels of a pruned forward are short, so launching them sets its time; fusing cuts both
     the kernels and their launches. Shapes are dynamic by default (token counts change with
     pruning); `compile_options` go to torch.compile. `remove` does not undo it. Returns `target`."""
-    transformers = _transformers(target) if _is_pipeline(target) else [target]
-    if not transformers:
-        raise ValueError(f"{type(target).__name__} has no transformer to compile")
-    for transformer in transformers:
-        if not isinstance(transformer, torch.nn.Module):
-            raise TypeError(f"compile_blocks takes a diffusers pipeline or transformer, got {type(target).__name__}")
+    for transformer in _targets(target, "compile_blocks"):
         if pruner_of(transformer) is not None:
             raise ValueError("compile_blocks must come before vidprune.apply (the pruning hooks wrap the compiled "
                              "blocks): call vidprune.remove, then compile_blocks, then apply again")
