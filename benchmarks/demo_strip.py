@@ -1,5 +1,5 @@
 """A PNG strip for the README: for a few held-out prompts, frames 0, 8 and 16 of the demo
-model's unpruned video, TAPE at mean keep 0.5, and TAPE with reuse_residuals.
+model's unpruned video, TAPE's default at mean keep 0.5, and TAPE's paper preset at 0.5.
 
     python benchmarks/demo_strip.py --out benchmarks/results/demo_strip.png
 """
@@ -20,8 +20,8 @@ from vidprune.video_io import to_uint8
 
 CONFIGS = {
     "unpruned": None,
-    "TAPE keep 0.5": vidprune.TapeConfig(keep=0.5),
-    "TAPE keep 0.5 + reuse_residuals": vidprune.TapeConfig(keep=0.5, full_first_steps=1, reuse_residuals=True),
+    "TAPE default, keep 0.5": vidprune.TapeConfig(keep=0.5),
+    "TAPE paper preset, keep 0.5": vidprune.TapeConfig.paper(0.5),
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from vidprune.cli import main
 
-SMALL = ["--frames", "5", "--height", "64", "--width", "64", "--steps", "2"]
+SMALL = ["--frames", "5", "--height", "64", "--width", "64", "--steps", "3"]
 
 
 def test_generate_writes_a_video_and_prints_stats(tmp_path, capsys):
@@ -102,7 +102,7 @@ def test_edit_a_video_file_with_comparison(tmp_path, capsys):
 def test_edit_with_lip_then_tape(tmp_path, capsys):
     source = tmp_path / "source.mp4"
     small_video(source)
-    main(["edit", str(source), "--prompt", "a blue square", "--steps", "3", "--target-prune", "0.3",
+    main(["edit", str(source), "--prompt", "a blue square", "--steps", "5", "--target-prune", "0.3",
           "--method", "lip-tape", "--keep", "0.5", "-o", str(tmp_path / "edited.mp4")])
     pruned = re.search(r"tokens pruned: ([\d.]+)%", capsys.readouterr().out)
     assert 60 < float(pruned.group(1)) < 70  # 30% by LIP, then half of the rest by TAPE

@@ -11,7 +11,7 @@ from conftest import tiny_transformer, transformer_inputs
 LIP_MASK = torch.arange(3 * 4 * 5).view(3, 4, 5) % 3 != 1  # grid 3 x 4 x 5, frame 0 kept whole
 LIP_MASK[0] = True
 CONFIGS = {
-    "tape": vidprune.TapeConfig(keep=0.5, first_pruned_layer=0, reselect_every=1),
+    "tape": vidprune.TapeConfig.paper(keep=0.5, first_pruned_layer=0, reselect_every=1),
     "lip": vidprune.LipConfig(mask=LIP_MASK, restore="prediction"),
 }
 

@@ -89,7 +89,7 @@ def tokens_per_block(pipe, config) -> tuple[torch.Tensor, list[int], vidprune.Pr
 @pytest.mark.parametrize("recovery", [True, False], ids=["lip", "lip-noar"])
 def test_tape_prunes_among_the_tokens_lip_keeps(clean, recovery):
     pipe = clean["v2v"]
-    tape = vidprune.TapeConfig(keep=0.5, schedule="constant", record_selections=True, **SMALL_SPANS)
+    tape = vidprune.TapeConfig.paper(keep=0.5, schedule="constant", record_selections=True, **SMALL_SPANS)
     out, seen, stats = tokens_per_block(pipe, vidprune.LipConfig(mask=mask(), recovery=recovery, tape=tape))
     layers = len(pipe.transformer.blocks)
     lip_kept = int(mask().sum())  # 16 + 6 + 10
@@ -111,14 +111,14 @@ def test_tape_keeping_everything_equals_lip_alone(clean):
     combined = vidprune.TapeConfig(keep=1.0, **SMALL_SPANS)
     vidprune.apply(pipe, vidprune.LipConfig(mask=mask(), tape=combined))
     assert torch.equal(edit(pipe), lip_alone)
-    vidprune.apply(pipe, vidprune.LipConfig(mask=mask(), tape=combined.with_(keep=0.5, schedule="constant")))
+    vidprune.apply(pipe, vidprune.LipConfig(mask=mask(), tape=vidprune.TapeConfig.paper(0.5, **SMALL_SPANS)))
     assert not torch.equal(edit(pipe), lip_alone)
 
 
-def test_tape_with_reused_residuals_runs_and_detaches_exactly(clean):
+def test_tape_with_its_token_cache_runs_and_detaches_exactly(clean):
     pipe = clean["v2v"]
     reference = edit(pipe)
-    tape = vidprune.TapeConfig(keep=0.7, reuse_residuals=True, full_first_steps=1, **SMALL_SPANS)  # 2 steps: 1.0, 0.4
+    tape = vidprune.TapeConfig(keep=0.7, dense_first=0.5, **SMALL_SPANS)  # 2 steps: 1.0, 0.4
     out, seen, _ = tokens_per_block(pipe, vidprune.LipConfig(mask=mask(), tape=tape))
     assert torch.isfinite(out).all() and min(seen) < int(mask().sum())
     vidprune.remove(pipe)
@@ -151,8 +151,8 @@ def test_recovery_inside_a_tape_span_equals_attention_over_its_key_set():
     model(**inputs)  # unpatched: the block's full-length inputs
     handle.remove()
 
-    tape = vidprune.TapeConfig(keep=0.5, schedule="constant", importance="random", first_pruned_layer=0,
-                               reselect_every=0, record_selections=True)
+    tape = vidprune.TapeConfig.paper(keep=0.5, schedule="constant", importance="random", first_pruned_layer=0,
+                                     reselect_every=0, record_selections=True)
     vidprune.apply(model, vidprune.LipConfig(mask=keep, tape=tape))
     handle = block.register_forward_hook(lambda m, args, output: captured.update(output=output))
     model(**inputs)
@@ -179,7 +179,7 @@ def test_the_cfg_partner_call_reuses_the_selection_and_its_recovery_keys(clean, 
     counted = vidprune.lip.recovery_keys
     monkeypatch.setattr(vidprune.lip, "recovery_keys", lambda *a: calls.append(1) or counted(*a))
     pipe = clean["v2v"]
-    tape = vidprune.TapeConfig(keep=0.5, schedule="constant", share_cfg_selection=share, **SMALL_SPANS)
+    tape = vidprune.TapeConfig.paper(keep=0.5, schedule="constant", share_cfg_selection=share, **SMALL_SPANS)
     _, _, stats = tokens_per_block(pipe, vidprune.LipConfig(mask=mask(), tape=tape))
     forwards = len(stats.forwards)  # two per step: CFG
     assert forwards == 4 and [f.shared_selection for f in stats.forwards] == [False, share] * 2

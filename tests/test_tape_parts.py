@@ -129,7 +129,7 @@ def test_tape_is_steadier_than_naive_inside_the_model():
     inputs = dict(hidden_states=video, timestep=torch.tensor([600.0]),
                   encoder_hidden_states=torch.randn(1, 7, 16, generator=generator), return_dict=False)
     ious = {}
-    for name, config in {"tape": vidprune.TapeConfig(keep=0.3, schedule="constant", temporal_sigma=1.5,
+    for name, config in {"tape": vidprune.TapeConfig.paper(keep=0.3, schedule="constant", temporal_sigma=1.5,
                                                       reselect_every=0, first_pruned_layer=1,
                                                       record_selections=True),
                          "naive": vidprune.TapeConfig.naive(0.3, first_pruned_layer=1, record_selections=True)}.items():
@@ -149,7 +149,7 @@ SHIFTED = [3 * s / (1 + 2 * s) for s in SIGMAS]  # Wan's shifted flow schedule: 
 @pytest.mark.parametrize("sigmas", [SIGMAS, SHIFTED])
 @pytest.mark.parametrize("keep", [0.3, 0.5, 0.8])
 def test_plan_meets_the_mean_keep_and_relaxes_towards_the_end(shape, sigmas, keep):
-    config = vidprune.TapeConfig(keep=keep, schedule=shape, min_keep=0.1)
+    config = vidprune.TapeConfig.paper(keep=keep, schedule=shape, min_keep=0.1)
     plan = plan_keeps(config, sigmas)
     assert sum(plan) / len(plan) == pytest.approx(keep, abs=1e-6)
     assert all(0.1 <= k <= 1.0 for k in plan)
@@ -158,12 +158,19 @@ def test_plan_meets_the_mean_keep_and_relaxes_towards_the_end(shape, sigmas, kee
         assert plan[-1] > plan[0]
 
 
-def test_full_first_and_last_steps():
-    config = vidprune.TapeConfig(keep=0.5, full_first_steps=2, full_last_steps=1)
+def test_dense_first_and_last_steps():
+    config = vidprune.TapeConfig(keep=0.5, dense_first=0.1, dense_last=0.05)  # 2 and 1 of 20 steps
     plan = plan_keeps(config, SIGMAS)
-    assert plan[:2] == [1.0, 1.0] and plan[-1] == 1.0 and sum(plan) / 20 == pytest.approx(0.5, abs=1e-6)
+    assert plan[:2] == [1.0, 1.0] and plan[2] < 1.0 and plan[-1] == 1.0 and plan[-2] < 1.0
+    assert sum(plan) / 20 == pytest.approx(0.5, abs=1e-6)
     with pytest.raises(ValueError, match="cannot be met"):
-        plan_keeps(vidprune.TapeConfig(keep=0.2, full_first_steps=3, min_keep=0.15), SIGMAS[:5])
+        plan_keeps(vidprune.TapeConfig(keep=0.2, dense_first=0.6, min_keep=0.15), SIGMAS[:5])
+
+
+def test_the_default_runs_the_first_fifth_of_the_steps_unpruned_at_a_constant_budget():
+    plan = plan_keeps(vidprune.TapeConfig(keep=0.5), [1 - i / 25 for i in range(25)])
+    assert plan[:5] == [1.0] * 5 and len(set(plan[5:])) == 1
+    assert plan[5] == pytest.approx((0.5 * 25 - 5) / 20)
 
 
 def test_keep_at_is_calibrated_on_uniform_noise_levels():
@@ -181,7 +188,7 @@ def test_keep_at_is_calibrated_on_uniform_noise_levels():
         ("keep", 0.0), ("keep", 1.5), ("keep", "half"), ("importance", "norm"), ("query_samples", 0),
         ("temporal_sigma", -1.0), ("temporal_radius", -1), ("per_frame", 1), ("first_pruned_layer", -2),
         ("reselect_every", 1.5), ("reselect_layers", []), ("reselect_layers", [4, 2]), ("schedule", "exp"),
-        ("schedule_spread", 2.0), ("min_keep", 0.9), ("full_first_steps", -1), ("full_last_steps", 0.5),
+        ("schedule_spread", 2.0), ("min_keep", 0.9), ("dense_first", -0.1), ("dense_last", 1.5),
         ("share_cfg_selection", "yes"), ("seed", -1), ("record_selections", None),
     ],
 )
@@ -193,9 +200,9 @@ def test_invalid_config_names_the_field_and_what_is_accepted(field, value):
 def test_span_layers_must_fit_the_model():
     model = tiny_transformer(layers=4)
     with pytest.raises(ValueError, match="first_pruned_layer=4"):
-        vidprune.apply(model, vidprune.TapeConfig(first_pruned_layer=4))
+        vidprune.apply(model, vidprune.TapeConfig.paper(first_pruned_layer=4))
     with pytest.raises(ValueError, match="reselect_layers"):
-        vidprune.apply(model, vidprune.TapeConfig(reselect_layers=(1, 9)))
+        vidprune.apply(model, vidprune.TapeConfig.paper(reselect_layers=(1, 9)))
     assert vidprune.TapeConfig(reselect_layers=[1, 3]).span_starts(4) == [1, 3]
     assert vidprune.TapeConfig(first_pruned_layer=2, reselect_every=6).span_starts(30) == [2, 8, 14, 20, 26]
 
@@ -209,6 +216,14 @@ def test_unsupported_model_names_the_class_and_the_supported_ones():
         vidprune.apply(tiny_transformer(), {"keep": 0.5})
 
 
-def test_full_steps_need_a_pipeline():
-    with pytest.raises(ValueError, match="only a pipeline gives"):
-        vidprune.apply(tiny_transformer(), vidprune.TapeConfig(full_last_steps=1))
+@pytest.mark.parametrize("changes", [{}, dict(cache="none", change_weight=0.0, staleness_weight=0.0, refresh_every=0),
+                                     dict(dense_first=0.0, cache="none", refresh_every=0, change_weight=0, staleness_weight=0.0,
+                                          dense_last=0.1)])
+def test_state_across_steps_needs_a_pipeline(changes):
+    """The default, and any config carrying a cache, history or dense steps, is refused on a
+    bare transformer, whose forwards belong to no call; the paper preset applies."""
+    model = tiny_transformer()
+    with pytest.raises(ValueError, match="bare transformer's forwards belong to no call"):
+        vidprune.apply(model, vidprune.TapeConfig(**changes))
+    assert vidprune.stats(vidprune.apply(model, vidprune.TapeConfig.paper())) is not None
+    vidprune.remove(model)

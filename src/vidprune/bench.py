@@ -148,11 +148,14 @@ _CALL_COUNTER_NOTE = ("pab, faster: diffusers calls Wan's two CFG branches one a
                       "between the branches.")
 KINDS = {
     "unpruned": Kind("reference", "generate", "", None, "the unpatched pipeline: the reference"),
-    "tape": Kind("pruning", "generate", "KEEP", 0.5, "TAPE, mean keep {v}"),
-    "tape-reuse": Kind("pruning", "generate", "KEEP", 0.5, "TAPE reusing pruned tokens' span residuals, mean keep {v}"),
-    "tape-nosmooth": Kind("pruning", "generate", "KEEP", 0.5, "TAPE without temporal smoothing, mean keep {v}"),
-    "tape-noreselect": Kind("pruning", "generate", "KEEP", 0.5, "TAPE with one selection, mean keep {v}"),
-    "tape-noschedule": Kind("pruning", "generate", "KEEP", 0.5, "TAPE with a constant budget, keep {v}"),
+    "tape": Kind("pruning", "generate", "KEEP", 0.5, "TAPE (default: token cache, refreshing selection, first 20% "
+                 "of steps dense), mean keep {v}"),
+    "tape-nocache": Kind("pruning", "generate", "KEEP", 0.5, "TAPE default, pruned tokens pass spans unchanged, "
+                         "mean keep {v}"),
+    "tape-norefresh": Kind("pruning", "generate", "KEEP", 0.5, "TAPE default, attention-only selection, mean keep {v}"),
+    "tape-nodense": Kind("pruning", "generate", "KEEP", 0.5, "TAPE default, no dense first steps, mean keep {v}"),
+    "paper": Kind("pruning", "generate", "KEEP", 0.5, "TAPE as its paper describes it (attention only, pruned tokens "
+                  "unchanged, prune-early budget), mean keep {v}"),
     "naive": Kind("pruning", "generate", "KEEP", 0.5, "per-frame attention top-k, one selection, keep {v}"),
     "random": Kind("pruning", "generate", "KEEP", 0.5, "random tokens per frame, one selection, keep {v}"),
     "lip": Kind("pruning", "edit", "PRUNE", None, "LIP with Attention Recovery, pruning {v}",
@@ -161,8 +164,8 @@ KINDS = {
                      unset="by the default thresholds"),
     "lip-tape": Kind("pruning", "edit", "KEEP", 0.5, "LIP with recovery (default thresholds), then TAPE keeping {v} "
                      "of LIP's tokens per frame"),
-    "lip-tape-reuse": Kind("pruning", "edit", "KEEP", 0.5, "lip-tape with TAPE reusing pruned tokens' span residuals, "
-                           "keep {v}"),
+    "lip-tape-paper": Kind("pruning", "edit", "KEEP", 0.5, "lip-tape with TAPE's paper preset (pruned tokens "
+                           "unchanged, attention-only selection), keep {v}"),
     "fbc": Kind("cache", "generate", "THRESHOLD", 0.1, "FirstBlockCache, threshold {v}", residual_driven=True),
     "fbc-fixed": Kind(
         "cache", "generate", "N", 2, "FirstBlockCache hooks, all blocks every {v} steps only", integer=True,
@@ -188,8 +191,8 @@ KINDS = {
                "faster: is_guidance_distilled=True, because its CFG cache needs both branches in one batch, which "
                "Wan's pipelines never pass; what remains is its attention extrapolation (weight 0.5).")),
 }
-TAPE_KINDS = ("tape", "tape-reuse", "tape-nosmooth", "tape-noreselect", "tape-noschedule", "naive", "random")
-LIP_TAPE_KINDS = ("lip-tape", "lip-tape-reuse")  # LipConfig(tape=...) with the TAPE kind after "lip-"
+TAPE_KINDS = ("tape", "tape-nocache", "tape-norefresh", "tape-nodense", "paper", "naive", "random")
+LIP_TAPE_KINDS = ("lip-tape", "lip-tape-paper")  # LipConfig(tape=...) with the TAPE kind after "lip-"
 STACKABLE = ("fbc", "fbc-fixed", "mag", "mag-fixed")  # caches that compose with vidprune (module docstring)
 TAYLOR_MODULES = r"blocks\.\d+\.(attn1|attn2|ffn)"
 STACK_NOTE = ("stacks (PRUNING+CACHE): vidprune applied first, the cache enabled after, removed in reverse order; "
@@ -312,8 +315,8 @@ def default_methods(random_weights: bool) -> list[str]:
     fbc, mag = (["fbc-fixed:2", "fbc-fixed:3"], ["mag-fixed:1", "mag-fixed:3"]) if random_weights else (
         ["fbc:0.05", "fbc:0.1", "fbc:0.2"], ["mag:0.06", "mag:0.12", "mag:0.24"])
     return [
-        "tape:0.3", "tape:0.5", "tape:0.7", "tape-reuse:0.5", "tape-nosmooth:0.5", "tape-noreselect:0.5",
-        "tape-noschedule:0.5",
+        "tape:0.3", "tape:0.5", "tape:0.7", "tape-nocache:0.5", "tape-norefresh:0.5", "tape-nodense:0.5",
+        "paper:0.5",
         "naive:0.5", "random:0.5", *fbc, *mag, "taylor:3", "taylor:5", "pab:2", "pab:3", "faster:2", "faster:3",
         f"tape:0.5+{fbc[0]}", f"tape:0.5+{mag[0]}", "lip:0.4", "lip-noar:0.4",
     ]
@@ -336,10 +339,10 @@ def tape_config(kind: str, keep: float) -> TapeConfig:
     tape = TapeConfig(keep=keep, record_selections=True)
     return {
         "tape": tape,
-        "tape-reuse": tape.with_(full_first_steps=1, reuse_residuals=True),
-        "tape-nosmooth": tape.with_(temporal_sigma=0.0),
-        "tape-noreselect": tape.with_(reselect_every=0),
-        "tape-noschedule": tape.with_(schedule="constant"),
+        "tape-nocache": tape.with_(cache="none"),
+        "tape-norefresh": tape.with_(change_weight=0.0, staleness_weight=0.0, refresh_every=0),
+        "tape-nodense": tape.with_(dense_first=0.0),
+        "paper": TapeConfig.paper(keep, record_selections=True),
         "naive": TapeConfig.naive(keep, record_selections=True),
         "random": TapeConfig.random(keep, record_selections=True),
     }[kind]

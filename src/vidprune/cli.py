@@ -19,7 +19,7 @@ from .interframe import LipDetection
 from .patch import apply, remove, stats
 from .video_io import check_output_path, read_video, write_video
 
-METHODS = ("none", "tape", "naive", "random")
+METHODS = ("none", "tape", "paper", "naive", "random")
 EDIT_METHODS = ("none", "lip", "lip-noar", "lip-tape")
 
 
@@ -29,6 +29,8 @@ def tape_config(method: str, keep: float) -> TapeConfig | None:
         return None
     if method == "tape":
         return TapeConfig(keep=keep)
+    if method == "paper":
+        return TapeConfig.paper(keep)
     if method == "naive":
         return TapeConfig.naive(keep)
     return TapeConfig.random(keep)
@@ -228,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="text-to-video with token pruning")
     gen.add_argument("prompt")
     gen.add_argument("--method", choices=METHODS, default="tape",
-                     help="tape (default), naive per-frame pruning, random pruning, or none")
+                     help="tape (default: token cache, refreshing selection, first 20%% of steps dense), paper "
+                          "(TAPE as its paper describes it), naive per-frame pruning, random pruning, or none")
     gen.add_argument("--keep", type=float, default=0.5, help="mean fraction of video tokens kept (0, 1]")
     gen.add_argument("--frames", type=int, default=17, help="video frames (4k+1 for Wan)")
     gen.add_argument("--height", type=int, default=128, help="the demo model is trained at 128x128")

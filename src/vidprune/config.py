@@ -9,20 +9,26 @@ from typing import Any
 import torch
 
 from .interframe import LipDetection
-from .validation import check_choice, check_fraction, check_int, fail
+from .validation import check_bool, check_choice, check_fraction, check_int, check_number, fail
 
 IMPORTANCE_KINDS = ("attention", "random")
 SCHEDULE_SHAPES = ("constant", "linear", "cosine", "step")
+CACHE_KINDS = ("none", "span", "block")
+CHANGE_REFERENCES = ("computed", "step")
+MAX_SEED = 2**64 - 1
 
 
 @dataclass(frozen=True)
 class TapeConfig:
-    """TAPE: temporal-aware token pruning for text-to-video generation.
+    """TAPE: temporal-aware token pruning for text-to-video generation, with a token cache.
 
-    Inside each span of blocks only the kept video tokens are computed; pruned tokens pass the
-    span unchanged. A span starts at every reselection layer, where tokens are scored afresh.
+    Inside each span of blocks only the kept video tokens are computed. A span starts at every
+    reselection layer, where tokens are scored afresh. A pruned token is not left unchanged:
+    it gets the update it had when the span last computed it (`cache`). Scores combine TAPE's
+    temporally smoothed attention importance with how much each token's input changed since it
+    was last computed and how long ago that was, so every token is refreshed regularly.
 
-    keep: mean keep ratio over the denoising steps of a pipeline call (see `schedule`).
+    keep: mean keep ratio over the denoising steps of a pipeline call, dense steps included.
     importance: "attention" (attention received, from sampled queries at the span's first
         block) or "random".
     query_samples: queries sampled (spread over all frames) to estimate attention received.
@@ -35,21 +41,36 @@ class TapeConfig:
     reselect_every: a new selection every R layers after L0; 0 means one selection for the
         rest of the stack.
     reselect_layers: explicit span starts (overrides first_pruned_layer and reselect_every).
-    schedule: keep ratio as a function of the step's noise level sigma: "constant", or
-        "linear" / "cosine" / "step", which prune more at high sigma and less near sigma 0.
+    schedule: keep ratio of the pruned steps as a function of the step's noise level sigma:
+        "constant", or "linear" / "cosine" / "step", which prune more at high sigma and less
+        near sigma 0 (the paper's prune-early budget).
     schedule_spread: keep(sigma=0) - keep(sigma=1) before clamping, for non-constant shapes.
     min_keep: lower bound of any step's keep ratio.
-    full_first_steps / full_last_steps: steps at the start / end of a pipeline call that run
-        unpruned (counted in the mean keep). Need `vidprune.apply` on a pipeline.
+    dense_first / dense_last: share of a call's steps, at its start / end, that run unpruned
+        (rounded to whole steps); the pruned steps keep less so that the mean stays `keep`.
+        The first steps fix the video's layout and fill the cache.
+    cache: what a pruned token gets inside a span: "span" (its span output minus span input
+        from when it was last computed, added to its current input), "block" (per block, the
+        self-attention, cross-attention and feed-forward outputs from when it was last computed,
+        each times the current step's modulation gate) or "none" (it passes the span unchanged,
+        as in the paper). A span with no cache yet for a branch computes every token.
+    attention_weight, change_weight, staleness_weight: weights of the three selection terms,
+        each normalised to mean 1 over a sample's tokens: attention importance; the relative
+        change of the token's span input since it was last computed; the number of selections
+        since then. 0 turns a term off.
+    change_since: what the change term compares a token's span input with: its input when it
+        was last "computed", or at the last "step" (the span's previous selection).
+    refresh_every: K: a token not computed in K - 1 selections in a row is computed at the
+        next one (ahead of any score), so every token is recomputed at least once in every K
+        pruned steps whenever a step keeps at least 1/K of each frame. 0: no forced refresh.
     share_cfg_selection: the second transformer call of a step (the unconditional branch of
         classifier-free guidance) reuses the first call's selection instead of scoring again.
     seed: seed of the random query sample and of random importance.
     record_selections: keep every span's kept indices in `vidprune.stats` (for measuring
         selection jitter; costs memory).
-    reuse_residuals: beyond the paper: a pruned token gets the residual (span output minus
-        span input) it had when the span last computed it, instead of passing unchanged; the
-        full first/last steps compute every token and so fill this cache. Costs one
-        (batch, tokens, dim) tensor per span and CFG branch.
+
+    The cache, the change and staleness terms and dense steps work across the steps of a
+    pipeline call; on a bare transformer only configs without them apply (`TapeConfig.paper`).
     """
 
     keep: float = 0.5
@@ -61,28 +82,33 @@ class TapeConfig:
     first_pruned_layer: int = 2
     reselect_every: int = 6
     reselect_layers: tuple[int, ...] | None = None
-    schedule: str = "cosine"
+    schedule: str = "constant"
     schedule_spread: float = 0.4
     min_keep: float = 0.1
-    full_first_steps: int = 0
-    full_last_steps: int = 0
+    dense_first: float = 0.2
+    dense_last: float = 0.0
+    cache: str = "span"
+    attention_weight: float = 1.0
+    change_weight: float = 1.0
+    staleness_weight: float = 0.0
+    refresh_every: int = 4
+    change_since: str = "computed"
     share_cfg_selection: bool = True
     seed: int = 0
     record_selections: bool = False
-    reuse_residuals: bool = False
 
     def __post_init__(self) -> None:
         check_fraction("keep", self.keep)
         check_choice("importance", self.importance, IMPORTANCE_KINDS)
         check_int("query_samples", self.query_samples, 1)
-        if not isinstance(self.temporal_sigma, (int, float)) or self.temporal_sigma < 0:
-            fail("temporal_sigma", self.temporal_sigma, "a number >= 0 (0 disables smoothing)")
+        check_number("temporal_sigma", self.temporal_sigma, 0.0)
         check_int("temporal_radius", self.temporal_radius, 0)
-        if not isinstance(self.per_frame, bool):
-            fail("per_frame", self.per_frame, "True or False")
+        check_bool("per_frame", self.per_frame)
         check_int("first_pruned_layer", self.first_pruned_layer, 0)
         check_int("reselect_every", self.reselect_every, 0)
         if self.reselect_layers is not None:
+            if isinstance(self.reselect_layers, (str, bytes)) or not hasattr(self.reselect_layers, "__iter__"):
+                fail("reselect_layers", self.reselect_layers, "None or a non-empty list of layer indices >= 0")
             layers = tuple(self.reselect_layers)
             if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
                 fail("reselect_layers", self.reselect_layers, "None or a non-empty list of layer indices >= 0")
@@ -90,24 +116,39 @@ class TapeConfig:
                 fail("reselect_layers", self.reselect_layers, "strictly increasing layer indices")
             object.__setattr__(self, "reselect_layers", layers)
         check_choice("schedule", self.schedule, SCHEDULE_SHAPES)
-        if not isinstance(self.schedule_spread, (int, float)) or not 0.0 <= self.schedule_spread <= 1.0:
-            fail("schedule_spread", self.schedule_spread, "in [0, 1]")
+        check_number("schedule_spread", self.schedule_spread, 0.0, 1.0)
         check_fraction("min_keep", self.min_keep)
         if self.min_keep > self.keep:
             fail("min_keep", self.min_keep, f"<= keep ({self.keep})")
-        check_int("full_first_steps", self.full_first_steps, 0)
-        check_int("full_last_steps", self.full_last_steps, 0)
-        if not isinstance(self.share_cfg_selection, bool):
-            fail("share_cfg_selection", self.share_cfg_selection, "True or False")
-        check_int("seed", self.seed, 0)
-        for name in ("record_selections", "reuse_residuals"):
-            if not isinstance(getattr(self, name), bool):
-                fail(name, getattr(self, name), "True or False")
+        check_number("dense_first", self.dense_first, 0.0, 1.0)
+        check_number("dense_last", self.dense_last, 0.0, 1.0)
+        if self.dense_first + self.dense_last > 1.0:
+            fail("dense_last", self.dense_last, f"<= 1 - dense_first ({1 - self.dense_first})")
+        check_choice("cache", self.cache, CACHE_KINDS)
+        for name in ("attention_weight", "change_weight", "staleness_weight"):
+            check_number(name, getattr(self, name), 0.0)
+        check_int("refresh_every", self.refresh_every, 0)
+        if self.attention_weight == 0 and not self.refreshes:
+            fail("attention_weight", 0, "> 0 when change_weight, staleness_weight and refresh_every are all 0 "
+                 "(else nothing would rank the tokens)")
+        if self.refresh_every == 1:
+            fail("refresh_every", 1, "0 (off) or an integer >= 2 (1 would compute every token at every step)")
+        check_choice("change_since", self.change_since, CHANGE_REFERENCES)
+        check_bool("share_cfg_selection", self.share_cfg_selection)
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_bool("record_selections", self.record_selections)
 
     @property
-    def needs_step_list(self) -> bool:
-        """Whether the budget needs the call's list of steps (only known through a pipeline)."""
-        return self.full_first_steps > 0 or self.full_last_steps > 0
+    def refreshes(self) -> bool:
+        """Whether selection looks at a token's history (its change and staleness)."""
+        return self.change_weight > 0 or self.staleness_weight > 0 or self.refresh_every > 0
+
+    @property
+    def needs_call(self) -> bool:
+        """Whether the method carries state from step to step of a call (cache, history, dense
+        steps), which only a pipeline call delimits."""
+        carried = self.cache != "none" or self.refreshes or self.dense_first > 0 or self.dense_last > 0
+        return self.keep < 1.0 and carried
 
     def span_starts(self, num_layers: int) -> list[int]:
         """First layer of every pruned span; each span runs to the next start or the end."""
@@ -123,14 +164,23 @@ class TapeConfig:
         return starts
 
     @classmethod
+    def paper(cls, keep: float = 0.5, **overrides: Any) -> "TapeConfig":
+        """TAPE as the paper's abstract describes it: attention importance smoothed over time,
+        reselection every few layers, a prune-early budget; pruned tokens pass spans unchanged,
+        no dense steps, no refresh."""
+        settings = dict(schedule="cosine", dense_first=0.0, cache="none", change_weight=0.0, staleness_weight=0.0,
+                        refresh_every=0)
+        return cls(keep=keep, **{**settings, **overrides})
+
+    @classmethod
     def naive(cls, keep: float = 0.5, **overrides: Any) -> "TapeConfig":
         """Baseline: per-frame attention pruning with no smoothing, one selection, constant budget."""
-        return cls(keep=keep, temporal_sigma=0.0, reselect_every=0, schedule="constant", **overrides)
+        return cls.paper(keep, **{**dict(temporal_sigma=0.0, reselect_every=0, schedule="constant"), **overrides})
 
     @classmethod
     def random(cls, keep: float = 0.5, **overrides: Any) -> "TapeConfig":
         """Baseline: random tokens per frame, one selection, constant budget."""
-        return cls.naive(keep, importance="random", **overrides)
+        return cls.naive(keep, **{**dict(importance="random"), **overrides})
 
     def with_(self, **changes: Any) -> "TapeConfig":
         """A copy with some fields changed (validated again)."""
@@ -183,8 +233,7 @@ class LipConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.detection, LipDetection):
             fail("detection", self.detection, "a vidprune.LipDetection")
-        if not isinstance(self.recovery, bool):
-            fail("recovery", self.recovery, "True or False")
+        check_bool("recovery", self.recovery)
         if self.duplicates is not None:
             check_int("duplicates", self.duplicates, 0)
         check_choice("kv_source", self.kv_source, KV_SOURCES)
@@ -207,6 +256,9 @@ class LipConfig:
                 fail("kv_source", self.kv_source, "'current' when tape is set (clean-pass keys follow LIP's kept tokens)")
             if not self.tape.per_frame:
                 fail("tape", "TapeConfig(per_frame=False)", "a TapeConfig with per_frame=True (LIP keeps per frame)")
+            if self.tape.cache == "block":
+                fail("tape", "TapeConfig(cache='block')", "a TapeConfig with cache 'span' or 'none' (LIP's recovered "
+                     "attention runs its own processor)")
 
 
-__all__ = ["TapeConfig", "LipConfig", "IMPORTANCE_KINDS", "SCHEDULE_SHAPES", "KV_SOURCES", "RESTORE_MODES"]
+__all__ = ["TapeConfig", "LipConfig", "IMPORTANCE_KINDS", "SCHEDULE_SHAPES", "CACHE_KINDS", "KV_SOURCES", "RESTORE_MODES"]

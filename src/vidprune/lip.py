@@ -19,9 +19,9 @@ import torch
 from .config import LipConfig
 from .interframe import keep_mask, reference_index
 from .recovery import RecoveryKeys, recovery_keys, restore_from_references
-from .runtime import CallState, ForwardState, Span, TokenPruner, spans_from_starts
-from .selection import select_among, smooth_over_time
-from .tape import TapeState, scatter_with_residuals, token_scores
+from .refresh import remember_span
+from .runtime import CallState, ForwardState, OpenSpan, Span, TokenPruner, spans_from_starts
+from .tape import Candidates, Selector, TapeState
 from .tokens import TokenGrid
 
 
@@ -44,7 +44,7 @@ class LipState(CallState):
         self.clean: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per text: per layer (k, v)
         self.recording: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.tape: TapeState | None = None  # TAPE's per-call state when LipConfig.tape is set
-        self.tape_queries: torch.Tensor | None = None  # TAPE's query sample among LIP's kept tokens
+        self.candidates: Candidates | None = None  # what TAPE's spans choose from: LIP's kept tokens
         self.tape_keys: dict[int, tuple[torch.Tensor, RecoveryKeys]] = {}  # span start -> (its index, its keys)
         if self.config.tape is not None:
             self.tape = TapeState(self.config.tape)
@@ -102,6 +102,7 @@ class LipPruner(TokenPruner):
         self._originals: list[tuple[torch.nn.Module, Any]] = []
         self.reused: dict[int, torch.Tensor] | None = None  # TAPE selections of this step's first CFG call
         self.selections: dict[int, torch.Tensor] = {}
+        self.selector = Selector(adapter, config.tape) if config.tape is not None else None
 
     # -- processors -------------------------------------------------------------------
     def on_attach(self) -> None:
@@ -129,22 +130,30 @@ class LipPruner(TokenPruner):
         if tape is not None:
             step, tape_keep = tape.step_and_keep(current.sigma)
             pruning = tape_keep < 1.0
-            current.active |= pruning or tape.config.reuse_residuals
+            current.active |= pruning or tape.remembers(current.branch)
             batch = current.inputs["hidden_states"].shape[0]
             self.reused, self.selections = tape.selections_for(current.sigma, batch, pruning)
-            current.scratch["tape_keep"] = tape_keep
+            current.tape_keep = tape_keep
             current.record.step, current.record.shared_selection = step, self.reused is not None and pruning
             keep *= tape_keep  # the share TAPE's spans compute, up to per-frame rounding
         current.record.keep = keep
         if current.active and self.config.recovery and self.config.kv_source == "clean":
             self._clean_pass(current)
 
+    def _remembers_now(self) -> bool:
+        return self.state.tape is not None and self.state.tape.remembers(self.state.current.branch)
+
+    def held_bytes(self) -> int:
+        return self.state.tape.memory_bytes() if self.state.tape is not None else 0
+
+    def _memory(self, span_start: int):
+        return self.state.tape.memory_of(self.transformer, span_start, self.state.current.branch)
+
     def select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor:
         current, plan = self.state.current, self.state.plan
-        current.scratch["span_inputs"] = inputs
         index = plan.index if span.start < self.first_tape_layer else self._tape_select(block, inputs, span)
         if self.config.recovery and index is plan.index:
-            current.scratch["keys"] = plan.keys
+            current.span.recovery_keys = plan.keys
         elif self.config.recovery:
             # The CFG partner call reuses the selection (the same tensor), so it reuses its keys too.
             cached = self.state.tape_keys.get(span.start)
@@ -152,47 +161,48 @@ class LipPruner(TokenPruner):
                 computed = torch.zeros_like(plan.keep).index_fill_(0, index[0], True)
                 keys = recovery_keys(computed, plan.reference, current.grid, self.config.duplicates)
                 cached = self.state.tape_keys[span.start] = (index, keys)
-            current.scratch["keys"] = cached[1]
+            current.span.recovery_keys = cached[1]
         return index
 
     def _tape_select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor:
-        """TAPE's selection among LIP's kept tokens."""
+        """TAPE's selection among LIP's kept tokens: every LIP-kept token while the span's
+        memory is empty or the step is dense."""
         current, plan, tape = self.state.current, self.state.plan, self.state.tape
-        keep = current.scratch["tape_keep"]
-        if keep >= 1.0:
+        if current.tape_keep >= 1.0:
+            return plan.index
+        memory = self._memory(span.start) if self._remembers_now() else None
+        if memory is not None and not memory.filled:
             return plan.index
         if self.reused is not None and span.start in self.reused:
             return self.reused[span.start]
-        config, grid = tape.config, current.grid
-        if self.state.tape_queries is None:  # once per call: LIP-pruned tokens hold stale states, no say
-            queries = tape.queries(grid, inputs["hidden_states"].device)
-            self.state.tape_queries = queries[plan.keep[queries]]
-        queries = self.state.tape_queries
-        scores = token_scores(self.adapter, block, inputs, config, queries, current.sigma, span.start, grid)
-        # A LIP-pruned position stands for its reference, so it carries the reference's score
-        # into the smoothing over time.
-        scores = smooth_over_time(scores[:, plan.reference], grid, config.temporal_sigma, config.temporal_radius)
-        index = select_among(scores, plan.keep, plan.frame_counts, grid, keep)
+        if tape.config.refreshes and memory.compared_input is None:
+            return plan.index  # this branch has no history to select with
+        if self.state.candidates is None:  # once per call: LIP-pruned tokens hold stale states, no say as queries
+            queries = tape.queries(current.grid, inputs["hidden_states"].device)
+            self.state.candidates = Candidates(plan.keep, plan.frame_counts, plan.reference, queries[plan.keep[queries]])
+        index = self.selector(block, inputs, tape, current, span.start, current.tape_keep, memory, self.state.candidates)
         self.selections[span.start] = index
         return index
 
-    def finish_span(self, span: Span, span_input: torch.Tensor, index: torch.Tensor, kept_output: torch.Tensor) -> torch.Tensor:
-        tape = self.state.tape
-        if tape is None or not tape.config.reuse_residuals or span.start < self.first_tape_layer:
-            return super().finish_span(span, span_input, index, kept_output)
-        key = (self.state.current.branch, span.start)
-        return scatter_with_residuals(tape.residuals, key, span_input, index, kept_output)
+    def finish_span(self, span: Span, open_span: OpenSpan, kept_output: torch.Tensor) -> torch.Tensor:
+        if span.start < self.first_tape_layer or not self._remembers_now():
+            return super().finish_span(span, open_span, kept_output)
+        tape = self.config.tape
+        index = None if open_span.index is self.state.plan.index else open_span.index
+        # With index None (every LIP-kept token computed), the LIP-pruned rows pass unchanged;
+        # nothing reads them: they are restored at the model output.
+        full = super().finish_span(span, open_span, kept_output) if index is None else kept_output
+        tracks = self.state.tape.tracks_history(self.state.current.branch)
+        return remember_span(self._memory(span.start), open_span.input, index, full, tape.cache, tracks,
+                             change_since=tape.change_since)
 
     def records_selections(self, span: Span) -> bool:
         # LIP's own index is one per call: keeping it costs nothing. TAPE's change per step.
         return span.start < self.first_tape_layer or self.config.tape.record_selections
 
-    def span_keys(self) -> RecoveryKeys:
-        """The key positions of recovered attention in the open span."""
-        return self.state.current.scratch["keys"]
-
     def attention_keys(self) -> int | None:
-        keys = self.state.current.scratch.get("keys") if self.config.recovery else None
+        span = self.state.current.span
+        keys = span.recovery_keys if self.config.recovery and span is not None else None
         return None if keys is None else keys.positions.shape[0]
 
     def finish_forward(self, current: ForwardState, output: Any) -> Any:

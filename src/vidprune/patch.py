@@ -64,10 +64,11 @@ def _check_target(target: Any, config: TapeConfig | LipConfig) -> list[torch.nn.
     transformers = _targets(target, "apply")
     adapters = [adapter_for(t) for t in transformers]
     tape = config if isinstance(config, TapeConfig) else config.tape
-    if tape is not None and tape.needs_step_list and not _is_pipeline(target):
+    if tape is not None and tape.needs_call and not _is_pipeline(target):
         raise ValueError(
-            "full_first_steps/full_last_steps need the call's list of steps, which only a pipeline gives: "
-            "call vidprune.apply(pipeline, config) instead of applying to the transformer"
+            "this TapeConfig carries state across the steps of a pipeline call (cache, change and staleness terms, "
+            "dense steps), and a bare transformer's forwards belong to no call: apply it to the pipeline, or use "
+            "TapeConfig.paper(keep) (or naive/random), which select afresh at every forward"
         )
     if isinstance(config, LipConfig) and config.mask is None and config.source_latents is None:
         editing = adapters[0].video_to_video_pipelines
@@ -89,12 +90,14 @@ def apply(target: Any, config: TapeConfig | LipConfig) -> Any:
     across steps (PyramidAttentionBroadcast, FasterCache, TaylorSeer) do not compose with a
     selection that changes between steps.
     """
-    transformers = _check_target(target, config)  # raises before anything is changed
-    remove(target)
+    transformers = _check_target(target, config)
     state_class, pruner_class = METHODS[type(config)]
     state = state_class(config)
-    for transformer in transformers:
-        attach(pruner_class(transformer, adapter_for(transformer), config, state))
+    # Every pruner is built (and its spans checked against its model) before anything changes.
+    pruners = [pruner_class(transformer, adapter_for(transformer), config, state) for transformer in transformers]
+    remove(target)
+    for pruner in pruners:
+        attach(pruner)
     if _is_pipeline(target):
         setattr(target, _STATE_ATTRIBUTE, state)
         target.__class__ = _pruned_pipeline_class(type(target))

@@ -2,10 +2,9 @@
 
 One pruner per transformer. A hook on the transformer reads each forward's inputs; hooks on
 the blocks gather the kept tokens (and their per-token inputs) at a span's first block and
-scatter the results back at its last block, so pruned tokens pass the span unchanged. Which
-forwards prune and which tokens they keep is the method's business (tape.py, lip.py). Per-call
-state lives in one `CallState`, shared by the transformers of a pipeline and reset at every
-pipeline call.
+scatter the results back at its last block. Which forwards prune, which tokens they keep and
+what the pruned tokens get is the method's business (tape.py, lip.py). Per-call state lives in
+one `CallState`, shared by the transformers of a pipeline and reset at every pipeline call.
 """
 
 from __future__ import annotations
@@ -40,29 +39,37 @@ def bind_arguments(function: Callable, args: tuple, kwargs: dict) -> dict[str, A
 
 
 @dataclass
+class OpenSpan:
+    """The span a forward is in: its full-length input and first block's inputs, the computed
+    tokens, their gathered per-token block inputs, and what a method keeps per span."""
+
+    start: int
+    input: torch.Tensor  # (batch, tokens, dim) hidden states entering the span
+    inputs: dict[str, Any]  # the span's first block's arguments by name, full length
+    index: torch.Tensor | None  # (batch or 1, kept) computed tokens; None: every token
+    token_inputs: dict[str, Any] = field(default_factory=dict)  # gathered per-token inputs, hidden states aside
+    replayed: torch.Tensor | None = None  # TAPE cache "block": the pruned tokens' state through the span
+    recovery_keys: Any = None  # LIP: the key positions of recovered attention in this span
+    key_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # LIP: RoPE tables at those positions
+
+
+@dataclass
 class ForwardState:
     """One transformer forward in progress."""
 
     grid: TokenGrid
     inputs: dict[str, Any]  # the transformer's forward arguments by name
     sigma: float
+    branch: int  # guidance branch: the forward's place among the step's forwards (0: conditional)
     record: ForwardRecord
     active: bool = False
-    # The open span: its full-length input, the kept indices and gathered per-token inputs.
-    span_input: torch.Tensor | None = None
-    index: torch.Tensor | None = None
-    token_inputs: dict[str, Any] = field(default_factory=dict)
-    scratch: dict[str, Any] = field(default_factory=dict)  # a method's per-forward caches
-
-    @property
-    def branch(self) -> int:
-        """Which guidance branch this forward belongs to: the pipelines pass the same text
-        embedding tensor to every step of a branch (conditional or unconditional)."""
-        return self.inputs["encoder_hidden_states"].data_ptr()
+    tape_keep: float = 1.0  # LIP + TAPE: the share of LIP's kept tokens TAPE's spans compute
+    span: OpenSpan | None = None
 
 
 class CallState:
-    """State of one pipeline call; `reset` at the start of each call."""
+    """State of one pipeline call; `reset` at the start of each call. Outside a pipeline call
+    (a bare transformer) every forward stands alone: nothing is carried to the next."""
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -73,12 +80,32 @@ class CallState:
         self.scheduler = getattr(pipeline, "scheduler", None)
         self.stats = PruneStats()
         self.current: ForwardState | None = None
+        self._step_sigma: float | None = None
+        self._forwards_in_step = 0
+
+    @property
+    def in_call(self) -> bool:
+        return self.pipeline is not None
 
     @contextlib.contextmanager
     def call(self, pipeline: Any) -> Iterator[None]:
-        """Around one pipeline call: fresh state."""
+        """Around one pipeline call: fresh state, dropped again after the call (its caches
+        would otherwise hold device memory; the stats stay)."""
         self.reset(pipeline)
-        yield
+        try:
+            yield
+        finally:
+            stats = self.stats
+            self.reset()
+            self.stats = stats
+
+    def branch_of(self, sigma: float) -> int:
+        """Which guidance branch a new forward at noise level sigma is: the diffusers pipelines
+        call the transformer once per branch and step, conditional first."""
+        if not self.in_call or sigma != self._step_sigma:
+            self._step_sigma, self._forwards_in_step = sigma, 0
+        self._forwards_in_step += 1
+        return self._forwards_in_step - 1
 
     @property
     def num_train_timesteps(self) -> int:
@@ -115,12 +142,17 @@ class TokenPruner:
         """Set current.active and the record's keep ratio and step for a new forward."""
         raise NotImplementedError
 
-    def select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor:
-        """Sorted kept token indices (batch or 1, kept) for the span starting at this block."""
+    def select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor | None:
+        """Sorted kept token indices (batch or 1, kept) for the span starting at this block, or
+        None to compute every token."""
         raise NotImplementedError
 
     def finish_forward(self, current: ForwardState, output: Any) -> Any:
         return output
+
+    def held_bytes(self) -> int:
+        """Device memory the method holds across forwards (its token caches)."""
+        return 0
 
     def attention_keys(self) -> int | None:
         """Self-attention keys inside spans when they differ from the kept tokens."""
@@ -150,7 +182,7 @@ class TokenPruner:
         context = inputs.get("encoder_hidden_states")
         record = ForwardRecord(step=None, sigma=sigma, keep=1.0, tokens=grid.size,
                                context_tokens=context.shape[1] if context is not None else 0)
-        self.state.current = ForwardState(grid, inputs, sigma, record)
+        self.state.current = ForwardState(grid, inputs, sigma, self.state.branch_of(sigma), record)
         self.plan_forward(self.state.current)
 
     def end_forward(self, output: Any) -> Any:
@@ -166,6 +198,7 @@ class TokenPruner:
         )
         record.block_flops_unpruned = self.num_layers * flops(record.tokens)
         self.state.stats.forwards.append(record)
+        self.state.stats.memory_bytes = max(self.state.stats.memory_bytes, self.held_bytes())
         output = self.finish_forward(current, output) if current.active else output
         self.state.current = None
         return output
@@ -183,26 +216,34 @@ class TokenPruner:
                     f"vidprune expected {current.grid.size} video tokens ({current.grid}) but the block got "
                     f"{hidden_states.shape[1]}; sequence-splitting parallelism is not supported inside pruned spans"
                 )
-            index = self.select(block, inputs, span)
-            gathered = self.adapter.gather_block_inputs(inputs, index)
-            current.span_input, current.index = hidden_states, index
-            current.token_inputs = {k: v for k, v in gathered.items() if k != "hidden_states"}
-            recorded = index if self.records_selections(span) else None
-            current.record.spans.append(
-                SpanRecord(span.start, span.end, index.shape[1], current.grid, recorded, self.attention_keys())
-            )
-            inputs = {**inputs, **gathered}
+            current.span = OpenSpan(span.start, hidden_states, inputs, None)
+            index = current.span.index = self.select(block, inputs, span)
+            recorded = index if index is not None and self.records_selections(span) else None
+            current.record.spans.append(SpanRecord(
+                span.start, span.end, current.grid.size if index is None else index.shape[1], current.grid,
+                recorded, self.attention_keys(),
+            ))
+            if index is not None:
+                gathered = self.adapter.gather_block_inputs(inputs, index)
+                current.span.token_inputs = {k: v for k, v in gathered.items() if k != "hidden_states"}
+                inputs = {**inputs, **gathered}
         else:
-            inputs = {**inputs, **current.token_inputs}
+            inputs = {**inputs, **current.span.token_inputs}
         output = forward(**inputs)
+        self.after_block(block, layer, current.span)
         if layer == span.end:
-            output = self.finish_span(span, current.span_input, current.index, output)
-            current.span_input, current.index, current.token_inputs = None, None, {}
+            output = self.finish_span(span, current.span, output)
+            current.span = None
         return output
 
-    def finish_span(self, span: Span, span_input: torch.Tensor, index: torch.Tensor, kept_output: torch.Tensor) -> torch.Tensor:
+    def after_block(self, block: torch.nn.Module, layer: int, span: OpenSpan) -> None:
+        """After each block of an open span (a method's per-block bookkeeping)."""
+
+    def finish_span(self, span: Span, open_span: OpenSpan, kept_output: torch.Tensor) -> torch.Tensor:
         """The span's full-length output: pruned tokens pass the span unchanged."""
-        return scatter_tokens(span_input, index, kept_output)
+        if open_span.index is None:
+            return kept_output
+        return scatter_tokens(open_span.input, open_span.index, kept_output)
 
 
 class TransformerHook(ModelHook):

@@ -47,15 +47,24 @@ def _solve_offset(config: TapeConfig, sigmas: Sequence[float], target_mean: floa
     return (low + high) / 2
 
 
+def dense_steps(share: float, count: int) -> int:
+    """Whole steps of `count` that a share of them rounds to (halves round up)."""
+    return min(count, math.floor(share * count + 0.5))
+
+
 def plan_keeps(config: TapeConfig, sigmas: Sequence[float]) -> list[float]:
     """Keep ratio of every step of a call whose step noise levels are `sigmas` (in order).
 
-    The first `full_first_steps` and last `full_last_steps` run unpruned; the others share the
-    rest of the budget so that the mean over all steps is config.keep."""
+    The first `dense_first` and last `dense_last` share of the steps run unpruned (the first
+    step always, when pruned tokens need a memory of it: a cache or the refreshing score); the
+    others share the rest of the budget so that the mean over all steps is config.keep."""
     count = len(sigmas)
     if config.keep >= 1.0 or count == 0:
         return [1.0] * count
-    full = set(range(min(config.full_first_steps, count))) | set(range(count - min(config.full_last_steps, count), count))
+    first, last = dense_steps(config.dense_first, count), dense_steps(config.dense_last, count)
+    if config.cache != "none" or config.refreshes:
+        first = max(first, 1)
+    full = set(range(first)) | set(range(count - last, count))
     pruned = [i for i in range(count) if i not in full]
     if not pruned:
         return [1.0] * count
@@ -63,7 +72,7 @@ def plan_keeps(config: TapeConfig, sigmas: Sequence[float]) -> list[float]:
     if target_mean < config.min_keep:
         raise ValueError(
             f"keep={config.keep} cannot be met with {len(full)} of {count} steps unpruned and "
-            f"min_keep={config.min_keep}: raise keep, or lower full_first_steps/full_last_steps or min_keep"
+            f"min_keep={config.min_keep}: raise keep, or lower dense_first/dense_last or min_keep"
         )
     offset = _solve_offset(config, [sigmas[i] for i in pruned], target_mean)
     return [1.0 if i in full else _keep(config, offset, sigmas[i]) for i in range(count)]

@@ -56,6 +56,14 @@ def select_global(scores: torch.Tensor, grid: TokenGrid, keep: float) -> torch.T
     return scores.topk(k, dim=1).indices.sort(dim=1).values
 
 
+def budgets_among(candidates: torch.Tensor, grid: TokenGrid, keep: float) -> torch.Tensor:
+    """(frames,) tokens select_among keeps in each frame: keep x the frame's candidates, at
+    least one where it has any."""
+    frame_counts = candidates.view(grid.frames, grid.per_frame).sum(dim=1)
+    # The same float64 arithmetic as select_among's total on the host, so they agree.
+    return (frame_counts.double() * keep).round().long().clamp(min=1).minimum(frame_counts)
+
+
 def select_among(scores: torch.Tensor, candidates: torch.Tensor, counts: Sequence[int], grid: TokenGrid,
                  keep: float) -> torch.Tensor:
     """Top-k among the candidate tokens of every frame, k = keep x that frame's candidates (at
@@ -64,9 +72,7 @@ def select_among(scores: torch.Tensor, candidates: torch.Tensor, counts: Sequenc
     counts: each frame's number of candidates, on the host. Returns sorted (1, kept) indices
     shared by the batch, without a host sync."""
     in_frame = candidates.view(grid.frames, grid.per_frame)
-    frame_counts = in_frame.sum(dim=1)
-    # The same float64 arithmetic on the device (per frame) and the host (the total), so they agree.
-    k = (frame_counts.double() * keep).round().long().clamp(min=1).minimum(frame_counts)
+    k = budgets_among(candidates, grid, keep)
     total = sum(min(count, max(1, round(count * keep))) for count in counts)
     frame_scores = scores.float().sum(dim=0).view(grid.frames, grid.per_frame).masked_fill(~in_frame, float("-inf"))
     rank = frame_scores.argsort(dim=1, descending=True).argsort(dim=1)

@@ -56,6 +56,7 @@ class PruneStats:
     """All forwards of the current (or last) pipeline call."""
 
     forwards: list[ForwardRecord] = field(default_factory=list)
+    memory_bytes: int = 0  # the most the spans' token memories (cache, history) held during the call
 
     @property
     def mean_keep(self) -> float:
@@ -79,6 +80,7 @@ class PruneStats:
             "forwards": len(self.forwards),
             "mean_keep": self.mean_keep,
             "block_flops_saved": self.flops_saved,
+            "memory_bytes": self.memory_bytes,
             "per_forward": [
                 {
                     "step": f.step,
@@ -110,5 +112,6 @@ class PruneStats:
         lines.append(
             f"{len(self.forwards)} transformer forwards, mean keep {self.mean_keep:.3f}, "
             f"estimated block FLOPs saved {self.flops_saved:.1%}"
+            + (f", token memory {self.memory_bytes / 2**20:.1f} MiB" if self.memory_bytes else "")
         )
         return "\n".join(lines)

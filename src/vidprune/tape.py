@@ -1,23 +1,27 @@
-"""TAPE in the runtime: per-step budget, attention-received scoring, smoothing and top-k at
-every span start, and sharing of a step's selection between its two CFG calls."""
+"""TAPE in the runtime: per-step budget, the refreshing selection at every span start (one
+`Selector`, also used by LIP + TAPE), the token cache of pruned tokens, and sharing of a step's
+selection between its two CFG calls."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .config import TapeConfig
 from .importance import attention_received, random_importance, sample_queries
-from .runtime import CallState, ForwardState, Span, TokenPruner, spans_from_starts
+from .refresh import SpanMemory, memory_estimate, refresh_scores, relative_change, remember_span
+from .runtime import CallState, ForwardState, OpenSpan, Span, TokenPruner, spans_from_starts
 from .schedule import keep_at, plan_keeps
-from .selection import kept_per_frame, select_global, select_per_frame, smooth_over_time
+from .selection import (budgets_among, kept_per_frame, select_among, select_global, select_per_frame,
+                        smooth_over_time)
 from .tokens import TokenGrid, scatter_tokens
 
 
 class TapeState(CallState):
-    """Per-call TAPE state: the step plan, the last selections (for the CFG partner call) and
-    the query sample."""
+    """Per-call TAPE state: the step plan, the last selections (for the CFG partner call), the
+    query sample and every span's memory of its tokens."""
 
     def reset(self, pipeline: Any = None) -> None:
         super().reset(pipeline)
@@ -26,8 +30,8 @@ class TapeState(CallState):
         # (sigma, batch, {span start: index}) of the last forward, for its CFG partner call.
         self.last_selections: tuple[float, int, dict[int, torch.Tensor]] | None = None
         self._queries: dict[tuple[TokenGrid, torch.device], torch.Tensor] = {}
-        # (guidance branch, span start) -> last span residual of every token, with reuse_residuals
-        self.residuals: dict[tuple[int, int], torch.Tensor] = {}
+        # (transformer, span start, guidance branch) -> what the span remembers of its tokens
+        self.memory: dict[tuple[int, int, int], SpanMemory] = {}
 
     def step_and_keep(self, sigma: float) -> tuple[int | None, float]:
         """Step index within the call (None when the call's steps are unknown) and keep ratio."""
@@ -45,13 +49,31 @@ class TapeState(CallState):
 
     def selections_for(self, sigma: float, batch: int, pruning: bool) -> tuple[dict[int, torch.Tensor] | None, dict]:
         """For a new forward: the selections of this step's first CFG call to reuse (None if this
-        is the first call, or sharing is off), and the dict this call's own selections go in."""
+        is the first call, sharing is off, or there is no call to share within), and the dict
+        this call's own selections go in."""
         last, fresh = self.last_selections, {}
+        if not self.in_call:
+            return None, fresh
         if self.config.share_cfg_selection and last is not None and last[:2] == (sigma, batch):
             self.last_selections = None
             return last[2], fresh
         self.last_selections = (sigma, batch, fresh) if pruning else None
         return None, fresh
+
+    def tracks_history(self, branch: int) -> bool:
+        """Whether a forward of this guidance branch keeps its spans' change and staleness: the
+        branch that selects does; a CFG partner that reuses its selection need not."""
+        return self.config.refreshes and (not self.config.share_cfg_selection or branch == 0)
+
+    def remembers(self, branch: int) -> bool:
+        """Whether a forward of this branch keeps span memories: a cache, or its history."""
+        return self.config.keep < 1.0 and (self.config.cache != "none" or self.tracks_history(branch))
+
+    def memory_of(self, transformer: torch.nn.Module, span_start: int, branch: int) -> SpanMemory:
+        return self.memory.setdefault((id(transformer), span_start, branch), SpanMemory())
+
+    def memory_bytes(self) -> int:
+        return sum(memory.nbytes() for memory in self.memory.values())
 
     def queries(self, grid: TokenGrid, device: torch.device) -> torch.Tensor:
         key = (grid, device)
@@ -60,49 +82,184 @@ class TapeState(CallState):
         return self._queries[key]
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """The tokens a TAPE span may choose from when another method (LIP) prunes first."""
+
+    keep: torch.Tensor  # (tokens,) bool
+    frame_counts: tuple[int, ...]  # candidates per frame, on the host
+    reference: torch.Tensor  # (tokens,) each token's reference: a pruned position takes its reference's score
+    queries: torch.Tensor  # the query sample among the candidates
+
+
+class Selector:
+    """TAPE's choice of the tokens a span computes: temporally smoothed attention importance,
+    plus each token's change and staleness from the span's memory, then per-frame top-k."""
+
+    def __init__(self, adapter: Any, config: TapeConfig) -> None:
+        self.adapter, self.config = adapter, config
+
+    def __call__(self, block: torch.nn.Module, inputs: dict[str, Any], state: TapeState, current: ForwardState,
+                 span_start: int, keep: float, memory: SpanMemory | None,
+                 candidates: Candidates | None = None) -> torch.Tensor:
+        """Sorted (batch or 1, kept) indices; `memory` must hold the span's history when the
+        config refreshes."""
+        config, grid = self.config, current.grid
+        hidden_states = inputs["hidden_states"]
+        attention = None
+        if config.attention_weight > 0:
+            queries = candidates.queries if candidates is not None else state.queries(grid, hidden_states.device)
+            attention = token_scores(self.adapter, block, inputs, config, queries, current.sigma, span_start, grid)
+            if candidates is not None:
+                attention = attention[:, candidates.reference]
+            attention = smooth_over_time(attention, grid, config.temporal_sigma, config.temporal_radius)
+        scores = attention
+        if config.refreshes:
+            change = relative_change(hidden_states, memory.compared_input) if config.change_weight > 0 else None
+            weights = (config.attention_weight, config.change_weight, config.staleness_weight)
+            among = candidates.keep if candidates is not None else None
+            if candidates is not None:
+                budget = budgets_among(candidates.keep, grid, keep)
+            else:  # per frame (select_global keeps about as many per frame)
+                budget = torch.full((grid.frames,), kept_per_frame(grid, keep), device=hidden_states.device)
+            scores = refresh_scores(attention, change, memory.staleness, weights, config.refresh_every, grid, budget,
+                                    among)
+        if candidates is not None:
+            return select_among(scores, candidates.keep, candidates.frame_counts, grid, keep)
+        return (select_per_frame if config.per_frame else select_global)(scores, grid, keep)
+
+
 class TapePruner(TokenPruner):
     def __init__(self, transformer: torch.nn.Module, adapter, config: TapeConfig, state: TapeState) -> None:
         num_layers = len(adapter.blocks(transformer))
         super().__init__(transformer, adapter, config, state, spans_from_starts(config.span_starts(num_layers), num_layers))
+        self.selector = Selector(adapter, config)
         self.reused: dict[int, torch.Tensor] | None = None
         self.selections: dict[int, torch.Tensor] = {}
-        self.keep_all = False
+        self.fills = False  # this forward computes every token to fill the spans' memory
+        self.block_cache = BlockCache(self) if config.cache == "block" else None
+
+    def on_attach(self) -> None:
+        if self.block_cache is not None:
+            self.block_cache.attach()
+
+    def on_detach(self) -> None:
+        if self.block_cache is not None:
+            self.block_cache.detach()
 
     def plan_forward(self, current: ForwardState) -> None:
         state, grid = self.state, current.grid
         step, keep = state.step_and_keep(current.sigma)
         batch = current.inputs["hidden_states"].shape[0]
         pruning = keep < 1.0 and kept_per_frame(grid, keep) < grid.per_frame
-        # With reuse_residuals, unpruned steps still run through the spans (keeping every
-        # token) so that they record every token's residual.
-        self.keep_all = not pruning and self.config.reuse_residuals and self.config.keep < 1.0
-        current.active = pruning or self.keep_all
+        # Unpruned steps still run through the spans, keeping every token, so that the spans
+        # remember every token's update for the pruned steps.
+        self.fills = not pruning and state.remembers(current.branch)
+        current.active = pruning or self.fills
         current.record.step, current.record.keep = step, keep if pruning else 1.0
         self.reused, self.selections = state.selections_for(current.sigma, batch, pruning)
         current.record.shared_selection = self.reused is not None and pruning
+        if current.active and not state.memory:
+            self.check_memory_fits(current)
 
-    def select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor:
-        if self.keep_all:
-            return torch.arange(self.state.current.grid.size, device=inputs["hidden_states"].device).unsqueeze(0)
+    def check_memory_fits(self, current: ForwardState) -> None:
+        """At a call's first forward on a GPU: refuse a cache the device has no room for, before
+        any step runs, naming the one that fits."""
+        hidden_states = current.inputs["hidden_states"]
+        if not hidden_states.is_cuda or self.config.cache != "block":
+            return
+        adapter, transformer = self.adapter, self.transformer
+        needed = memory_estimate(
+            "block", self.config.refreshes, len(self.spans), sum(s.end - s.start + 1 for s in self.spans),
+            current.grid.size, adapter.hidden_size(transformer), hidden_states.element_size(), branches=2,
+            batch=hidden_states.shape[0], branch_modules=len(adapter.branch_modules(adapter.blocks(transformer)[0])),
+        )
+        free = torch.cuda.mem_get_info(hidden_states.device)[0]
+        if needed > free:
+            raise ValueError(
+                f"TapeConfig(cache='block') needs about {needed / 2**30:.1f} GiB for its token cache at {current.grid.size} "
+                f"tokens and {free / 2**30:.1f} GiB are free on {hidden_states.device}: use cache='span' (one residual "
+                "per span and branch, a fraction of that)"
+            )
+
+    def held_bytes(self) -> int:
+        return self.state.memory_bytes()
+
+    def memory(self, span_start: int) -> SpanMemory:
+        return self.state.memory_of(self.transformer, span_start, self.state.current.branch)
+
+    def select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor | None:
+        current = self.state.current
+        if self.fills:
+            return None
+        memory = self.memory(span.start) if self.state.remembers(current.branch) else None
+        if memory is not None and not memory.filled:  # nothing to stand in for pruned tokens yet
+            current.record.keep = 1.0
+            return None
         # A cache (FirstBlockCache, MagCache) can skip this span in the step's first call: then
         # there is nothing to share and this call selects afresh.
         if self.reused is not None and span.start in self.reused:
             return self.reused[span.start]
-        current, config = self.state.current, self.config
-        grid = current.grid
-        queries = self.state.queries(grid, inputs["hidden_states"].device)
-        scores = token_scores(self.adapter, block, inputs, config, queries, current.sigma, span.start, grid)
-        scores = smooth_over_time(scores, grid, config.temporal_sigma, config.temporal_radius)
-        select = select_per_frame if config.per_frame else select_global
-        index = select(scores, grid, current.record.keep)
+        if self.config.refreshes and memory.compared_input is None:
+            return None  # this branch has no history to select with (a step cache skipped its partner's span)
+        index = self.selector(block, inputs, self.state, current, span.start, current.record.keep, memory)
         self.selections[span.start] = index
         return index
 
-    def finish_span(self, span: Span, span_input: torch.Tensor, index: torch.Tensor, kept_output: torch.Tensor) -> torch.Tensor:
-        if not self.config.reuse_residuals:
-            return super().finish_span(span, span_input, index, kept_output)
-        key = (self.state.current.branch, span.start)
-        return scatter_with_residuals(self.state.residuals, key, span_input, index, kept_output)
+    def after_block(self, block: torch.nn.Module, layer: int, span: OpenSpan) -> None:
+        if self.block_cache is not None:
+            self.block_cache.after_block(block, layer, span, self.memory(span.start))
+
+    def finish_span(self, span: Span, open_span: OpenSpan, kept_output: torch.Tensor) -> torch.Tensor:
+        branch = self.state.current.branch
+        if not self.state.remembers(branch):
+            return super().finish_span(span, open_span, kept_output)
+        return remember_span(self.memory(span.start), open_span.input, open_span.index, kept_output, self.config.cache,
+                             self.state.tracks_history(branch), open_span.replayed, self.config.change_since)
+
+
+class BlockCache:
+    """TAPE's cache "block": every block of a span remembers its branch outputs (self-attention,
+    cross-attention, feed-forward, before their modulation gates) for each token; a pruned
+    token goes through the span's blocks on its remembered outputs with the current step's
+    gates (the adapter's replay_block), as token caches for DiTs do."""
+
+    def __init__(self, pruner: TapePruner) -> None:
+        self.pruner = pruner
+        self.captured: list[torch.Tensor | None] = []
+        self.handles: list[Any] = []
+
+    def attach(self) -> None:
+        pruner = self.pruner
+        blocks = pruner.adapter.blocks(pruner.transformer)
+        for span in pruner.spans:
+            for layer in range(span.start, span.end + 1):
+                for i, module in enumerate(pruner.adapter.branch_modules(blocks[layer])):
+                    self.handles.append(module.register_forward_hook(self._capture(i)))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _capture(self, position: int):
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            current = self.pruner.state.current
+            if current is not None and current.span is not None:
+                while len(self.captured) <= position:
+                    self.captured.append(None)
+                self.captured[position] = output
+        return hook
+
+    def after_block(self, block: torch.nn.Module, layer: int, span: OpenSpan, memory: SpanMemory) -> None:
+        outputs, self.captured = self.captured, []
+        if span.index is None:  # every token computed: remember all
+            memory.branch_outputs[layer] = outputs
+            return
+        remembered = memory.branch_outputs[layer]
+        state = span.input if span.replayed is None else span.replayed
+        span.replayed = self.pruner.adapter.replay_block(block, span.inputs, state, remembered)
+        memory.branch_outputs[layer] = [scatter_tokens(r, span.index, o) for r, o in zip(remembered, outputs)]
 
 
 def token_scores(adapter, block: torch.nn.Module, inputs: dict[str, Any], config: TapeConfig, queries: torch.Tensor,
@@ -115,15 +272,3 @@ def token_scores(adapter, block: torch.nn.Module, inputs: dict[str, Any], config
         return random_importance(hidden_states.shape[0], grid, seed, hidden_states.device)
     query, key = adapter.query_key(block, inputs, queries)
     return attention_received(query, key)
-
-
-def scatter_with_residuals(residuals: dict, key: tuple[int, int], span_input: torch.Tensor, index: torch.Tensor,
-                           kept_output: torch.Tensor) -> torch.Tensor:
-    """A span's full output with reuse_residuals: a pruned token gets the residual it had when
-    the span last computed it, kept in `residuals` under key (guidance branch, span start),
-    instead of passing unchanged."""
-    cached = residuals.get(key)
-    base = span_input if cached is None else span_input + cached
-    output = scatter_tokens(base, index, kept_output)
-    residuals[key] = output - span_input  # fresh for kept tokens, carried for pruned
-    return output

@@ -51,6 +51,22 @@ class Adapter:
         (batch, heads, tokens, head_dim)."""
         raise NotImplementedError
 
+    def hidden_size(self, transformer: torch.nn.Module) -> int:
+        """Width of the video tokens' hidden states inside the blocks."""
+        raise NotImplementedError
+
+    def branch_modules(self, block: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+        """The modules whose outputs the block adds to its hidden states (its residual
+        branches, e.g. self-attention, cross-attention, feed-forward), in call order."""
+        raise NotImplementedError
+
+    def replay_block(self, block: torch.nn.Module, inputs: dict[str, Any], hidden_states: torch.Tensor,
+                     branch_outputs: list[torch.Tensor]) -> torch.Tensor:
+        """The block's output for `hidden_states` (batch, tokens, dim) when its branches return
+        `branch_outputs` (each (batch, tokens, dim), as branch_modules gave them), with the
+        modulation of the block's full-length `inputs` (this step's gates)."""
+        raise NotImplementedError
+
     def self_attention(self, block: torch.nn.Module) -> torch.nn.Module:
         """The block's self-attention module (whose processor Attention Recovery replaces)."""
         raise NotImplementedError

@@ -68,13 +68,13 @@ class WanRecoveryProcessor:
             kept = state.plan.index[0]
             state.recording.append((key[:, kept], value[:, kept]))
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        keys = self.pruner.span_keys()
-        cached = current.scratch.get("key_rope")
-        if cached is None or cached[0] is not keys:  # tables at the key positions, once per span
-            cos, sin = current.scratch["span_inputs"]["rotary_emb"]
+        span = current.span
+        keys = span.recovery_keys
+        if span.key_rope is None:  # tables at the key positions, once per span
+            cos, sin = span.inputs["rotary_emb"]
             positions = keys.positions.unsqueeze(0)
-            cached = current.scratch["key_rope"] = (keys, gather_tokens(cos, positions), gather_tokens(sin, positions))
-        _, key_cos, key_sin = cached
+            span.key_rope = (gather_tokens(cos, positions), gather_tokens(sin, positions))
+        key_cos, key_sin = span.key_rope
         clean_key, clean_value = self.pruner.clean_keys_values(self.layer)
         backend = getattr(self.original, "_attention_backend", None)
         output = recovered_attention(
@@ -100,6 +100,27 @@ class WanAdapter(Adapter):
 
     def self_attention(self, block: torch.nn.Module) -> torch.nn.Module:
         return block.attn1
+
+    def hidden_size(self, transformer: torch.nn.Module) -> int:
+        return transformer.config.num_attention_heads * transformer.config.attention_head_dim
+
+    def branch_modules(self, block: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+        return block.attn1, block.attn2, block.ffn
+
+    def replay_block(self, block: torch.nn.Module, inputs: dict[str, Any], hidden_states: torch.Tensor,
+                     branch_outputs: list[torch.Tensor]) -> torch.Tensor:
+        # As WanTransformerBlock.forward adds its branches: self-attention and feed-forward
+        # times their gates (the 3rd and 6th modulation vectors), cross-attention ungated.
+        temb = inputs["temb"]
+        if temb.ndim == 4:  # Wan2.2 TI2V: per-token modulation (batch, tokens, 6, dim)
+            modulation = (block.scale_shift_table.unsqueeze(0) + temb.float()).unbind(2)
+        else:  # (batch, 6, dim): one vector per sample, broadcast over the tokens
+            modulation = (block.scale_shift_table + temb.float()).split(1, dim=1)
+        gate, feed_forward_gate = modulation[2], modulation[5]
+        self_attention, cross_attention, feed_forward = branch_outputs
+        x = (hidden_states.float() + self_attention * gate).type_as(hidden_states)
+        x = x + cross_attention
+        return (x.float() + feed_forward.float() * feed_forward_gate).type_as(x)
 
     def recovery_processor(self, original: Any, pruner: Any, layer: int) -> Any:
         return WanRecoveryProcessor(original, pruner, layer)
@@ -141,7 +162,7 @@ class WanAdapter(Adapter):
 
     def block_flops(self, transformer: torch.nn.Module, tokens: int, context_tokens: int, keys: int | None = None) -> float:
         config = transformer.config
-        dim = config.num_attention_heads * config.attention_head_dim
+        dim = self.hidden_size(transformer)
         projections = 2 * tokens * dim * dim * 6  # self q, k, v, out; cross q, out
         context_projections = 2 * context_tokens * dim * dim * 2  # cross k, v: not pruned
         self_attention = 2 * 2 * tokens * (tokens if keys is None else keys) * dim
