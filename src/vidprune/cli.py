@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, NoReturn, Sequence, TypeVar
 
 import torch
 
+from .adapters import adapter_for
 from .bench import RANDOM_MODELS, Options, accepted_names, build_random_pipeline, default_methods, parse_methods, run_bench
 from .bench_report import markdown, pyplot, write_report
 from .config import LipConfig, TapeConfig
+from .demo.pipeline import DEFAULT_CALL, HEIGHT, MODEL_DIR, NUM_FRAMES, WIDTH, load_demo_pipeline
 from .interframe import LipDetection
 from .patch import apply, remove, stats
-from .video_io import check_output_path, read_video, write_video
+from .video_io import check_folder, check_output_path, read_video, write_video
 
 METHODS = ("none", "tape", "paper", "naive", "random")
 EDIT_METHODS = ("none", "lip", "lip-noar", "lip-tape")
@@ -36,28 +39,135 @@ def tape_config(method: str, keep: float) -> TapeConfig | None:
     return TapeConfig.random(keep)
 
 
+# -- argument checks: argparse `type=` functions, so every value is refused while parsing, before
+# any model loads; argparse names the flag in front of the message.
+
+T = TypeVar("T")
+
+
+def _checked(convert: Callable[[str], T], accepted: str, ok: Callable[[T], bool]) -> Callable[[str], T]:
+    """A `type=` that converts the text and refuses values that are not `ok`, saying what is accepted."""
+
+    def check(text: str) -> T:
+        try:
+            value = convert(text)
+            good = ok(value)
+        except ValueError:  # not a number at all
+            good = False
+        if not good:
+            raise argparse.ArgumentTypeError(f"{text} is not accepted: give {accepted}")
+        return value
+
+    return check
+
+
+POSITIVE = _checked(int, "an integer >= 1", lambda v: v >= 1)
+# Wan's VAE compresses time 4x after the first frame: it takes 4k+1 frames.
+FRAMES = _checked(int, "a frame count of the form 4k+1 (1, 5, 9, 13, 17, ...), as Wan takes",
+                  lambda v: v >= 1 and v % 4 == 1)
+MAX_FRAMES = _checked(int, "an integer >= 5 (editing needs two latent frames)", lambda v: v >= 5)
+# 8x VAE downsampling and 2x2 transformer patches: a side must be a multiple of 16 pixels.
+SIZE = _checked(int, "a positive multiple of 16 (16, 32, ..., 128, ...)", lambda v: v >= 16 and v % 16 == 0)
+FRACTION = _checked(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+OPEN_FRACTION = _checked(float, "a number in (0, 1)", lambda v: 0 < v < 1)
+NON_NEGATIVE = _checked(float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+SEED = _checked(int, "an integer in [0, 2**64 - 1]", lambda v: 0 <= v < 2**64)  # torch.Generator's range
+
+
+def _devices() -> list[str]:
+    """The devices this machine has, as --device names them."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
+def device_name(text: str) -> str:
+    """A `type=` for --device: cpu, cuda, cuda:N or mps, if this machine has it."""
+    if text in _devices():
+        return text
+    reason = "no CUDA GPU is available" if text.startswith("cuda") and not torch.cuda.is_available() else (
+        f"{text} is not a device of this machine")
+    raise argparse.ArgumentTypeError(f"{reason}; accepted here: {', '.join(_devices())}")
+
+
+def model_name(text: str) -> str:
+    """A `type=` for --model: a hub id, or a local folder whose model_index.json names a pipeline class."""
+    if not Path(text).exists():
+        return text  # a hub id: diffusers looks it up when loading
+    index = Path(text) / "model_index.json"
+    try:
+        entries = json.loads(index.read_text())
+    except (OSError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"{text} is not a diffusers pipeline folder: could not read {index} "
+                                         f"({error})") from error
+    if not isinstance(entries, dict) or "_class_name" not in entries:
+        raise argparse.ArgumentTypeError(f"{text} is not a diffusers pipeline folder: {index} names no pipeline "
+                                         "class (_class_name)")
+    return text
+
+
+def check_edit_steps(steps: int, strength: float) -> None:
+    """Editing runs the last int(steps * strength) of the steps: refuse a product below one,
+    which diffusers would only fail on after encoding the video."""
+    if int(steps * strength) < 1:
+        raise ValueError(f"--strength {strength} with {steps} steps runs no denoising step: give --strength >= "
+                         f"{1 / steps:.3g} or more --steps")
+
+
+# -- the demo model's size ---------------------------------------------------------------------
+
+
+def warn_untrained_size(frames: int, height: int, width: int) -> None:
+    """Warn when the shipped demo model is asked for a size it was not trained at: it runs, but
+    the video may be poor, and a large size is slow on a CPU."""
+    if (frames, height, width) != (NUM_FRAMES, HEIGHT, WIDTH):
+        print(f"vidprune: warning: the demo model was trained on {NUM_FRAMES} frames at {WIDTH}x{HEIGHT}, not "
+              f"{frames} frames at {width}x{height}: expect a poorer video", file=sys.stderr)
+
+
+def demo_edit_size(args: argparse.Namespace) -> None:
+    """Fill unset --height, --width and --max-frames with the demo model's trained size, which
+    keeps an edit of real footage short (832x480 and 81 frames ran no step in 15 minutes on a CPU)."""
+    trained = dict(height=HEIGHT, width=WIDTH, max_frames=NUM_FRAMES)
+    unset = {name: value for name, value in trained.items() if getattr(args, name) is None}
+    for name, value in unset.items():
+        setattr(args, name, value)
+    if unset:
+        print("demo model: " + " ".join(f"--{name.replace('_', '-')} {value}" for name, value in unset.items())
+              + " by default, the size it was trained at (the frames are resized to it)")
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
 def load_pipeline(model: str | None, device: str, dtype: torch.dtype, video_to_video: bool = False):
     """A supported diffusers pipeline from a local folder or hub id, or the demo pipeline; as
-    its video-to-video variant when `video_to_video`."""
+    its video-to-video variant when `video_to_video`. A model that cannot be loaded, or is not
+    a Wan pipeline, is a ValueError or TypeError naming it."""
+    print("loading the model...")
     if model is None:
-        from .demo.pipeline import MODEL_DIR, load_demo_pipeline
-
         print(f"model: vidprune's demo Wan pipeline ({MODEL_DIR}), a small model trained on procedural clips: "
               "a test bed, not a product model")
         pipe = load_demo_pipeline()
     elif _is_demo_folder(model):  # a demo model retrained with vidprune.demo.train: no text encoder inside
-        from .demo.pipeline import load_demo_pipeline
-
         pipe = load_demo_pipeline(model)
     else:
         from diffusers import DiffusionPipeline
 
         try:
             pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
-        except (OSError, ValueError) as error:
-            raise SystemExit(f"vidprune: could not load a diffusers pipeline from {model!r}: {error}") from error
+        except Exception as error:  # diffusers raises many types for a folder that is not a pipeline
+            where = "" if Path(model).exists() else "there is no such folder, and as a hub id: "
+            raise ValueError(f"could not load a diffusers pipeline from --model {model!r}: {where}"
+                             f"{type(error).__name__}: {error}") from error
     if model is not None:
         print(f"model: {model} ({type(pipe).__name__})")
+    if getattr(pipe, "transformer", None) is None:
+        raise ValueError(f"--model {model!r} is a {type(pipe).__name__}, which has no transformer: give a Wan pipeline")
+    adapter_for(pipe.transformer)  # other model families: a TypeError naming the supported ones
     if video_to_video and type(pipe).__name__ != "WanVideoToVideoPipeline":
         from diffusers import WanVideoToVideoPipeline
 
@@ -67,9 +177,13 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype, video_to_v
 
 
 def _is_demo_folder(model: str) -> bool:
-    """A local pipeline folder saved without its text encoder, as vidprune's demo model is."""
-    index = Path(model) / "model_index.json"
-    return index.is_file() and json.loads(index.read_text()).get("text_encoder", [None])[0] is None
+    """A local WanPipeline folder saved without its text encoder, as vidprune's demo model is."""
+    try:
+        index = json.loads((Path(model) / "model_index.json").read_text())
+    except (OSError, ValueError):  # no such file, or not JSON: not a demo folder (diffusers says what is wrong)
+        return False
+    return (isinstance(index, dict) and index.get("_class_name") == "WanPipeline"
+            and index.get("text_encoder") in (None, [None, None]))
 
 
 def _device(requested: str | None) -> tuple[str, torch.dtype]:
@@ -80,19 +194,24 @@ def _device(requested: str | None) -> tuple[str, torch.dtype]:
 def call_settings(args: argparse.Namespace) -> dict:
     """Steps, guidance and text length: the demo model's own when it is used, else the
     command's defaults."""
-    settings = dict(num_inference_steps=args.steps or 25, guidance_scale=args.guidance)
-    if args.model is None or _is_demo_folder(args.model):
-        from .demo.pipeline import DEFAULT_CALL
-
-        settings.update(max_sequence_length=DEFAULT_CALL["max_sequence_length"],
-                        num_inference_steps=args.steps or DEFAULT_CALL["num_inference_steps"])
+    demo = args.model is None or _is_demo_folder(args.model)
+    steps = DEFAULT_CALL["num_inference_steps"] if demo else 25
+    settings = dict(num_inference_steps=steps if args.steps is None else args.steps, guidance_scale=args.guidance)
+    if demo:
+        settings["max_sequence_length"] = DEFAULT_CALL["max_sequence_length"]
     return settings
+
+
+# -- commands ----------------------------------------------------------------------------------
 
 
 def generate(args: argparse.Namespace) -> None:
     device, dtype = _device(args.device)
     config = tape_config(args.method, args.keep)  # validate the arguments before the model loads
-    check_output_path(args.output)
+    check_output_path(args.output, args.overwrite)
+    settings = call_settings(args)
+    if args.model is None:
+        warn_untrained_size(args.frames, args.height, args.width)
     pipe = load_pipeline(args.model, device, dtype)
     if config is not None:
         apply(pipe, config)
@@ -102,16 +221,18 @@ def generate(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         frames = pipe(
             prompt=args.prompt, height=args.height, width=args.width, num_frames=args.frames,
-            generator=torch.Generator(device).manual_seed(args.seed), output_type="np", **call_settings(args),
+            generator=torch.Generator(device).manual_seed(args.seed), output_type="np", **settings,
         ).frames[0]
         return frames, time.perf_counter() - started
 
+    print(f"generating {args.frames} frames at {args.width}x{args.height}, "
+          f"{settings['num_inference_steps']} steps...")
     frames, elapsed = run()
     if config is not None:
         print(stats(pipe))
     if args.compare:
         compare_with_unpruned(pipe, run, frames, elapsed, "video")
-    path = write_video(frames, args.output, fps=args.fps)
+    path = write_video(frames, args.output, fps=args.fps, overwrite=args.overwrite)
     print(f"generated {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]} in {elapsed:.2f} s "
           f"on {device} -> {path}")
 
@@ -121,6 +242,7 @@ def compare_with_unpruned(pipe, run, frames, elapsed: float, what: str) -> None:
     `frames` against that unpruned result (same prompt, seed and settings)."""
     from .metrics import flicker, psnr
 
+    print(f"running the unpruned {what} to compare...")
     remove(pipe)
     reference, reference_time = run()
     print(f"unpruned {what}: {reference_time:.2f} s (speedup {reference_time / elapsed:.2f}x); "
@@ -132,40 +254,49 @@ def source_video(path: str, max_frames: int | None, height: int | None, width: i
     """The input video as PIL frames, trimmed to 4k+1 frames, and the size to edit at."""
     from PIL import Image
 
+    print(f"reading {path}...")
     frames = read_video(path, max_frames)
     usable = (len(frames) - 1) // 4 * 4 + 1  # Wan's VAE takes 4k+1 frames
     if usable < 5:
         raise ValueError(f"input video has {len(frames)} frames: editing needs at least 5 (two latent frames)")
     if usable != len(frames):
         print(f"using the first {usable} of {len(frames)} frames (Wan takes 4k+1 frames)")
-    height = height or frames.shape[1] // 16 * 16
-    width = width or frames.shape[2] // 16 * 16
-    if height < 16 or width < 16 or height % 16 or width % 16:
-        raise ValueError(f"size {width}x{height} is not accepted: width and height must be multiples of 16, at least 16")
+    height = frames.shape[1] // 16 * 16 if height is None else height
+    width = frames.shape[2] // 16 * 16 if width is None else width
+    if height < 16 or width < 16:
+        raise ValueError(f"input video is {frames.shape[2]}x{frames.shape[1]}: editing at its size needs at least "
+                         "16x16; give --height and --width (multiples of 16)")
     return [Image.fromarray(frame) for frame in frames[:usable]], height, width
 
 
 def edit(args: argparse.Namespace) -> None:
     device, dtype = _device(args.device)
-    check_output_path(args.output)
+    check_output_path(args.output, args.overwrite)
     detection = LipDetection(tau=args.tau, target_prune=args.target_prune)
     tape = TapeConfig(keep=args.keep) if args.method == "lip-tape" else None
     config = None if args.method == "none" else LipConfig(detection=detection, recovery=args.method != "lip-noar",
                                                           tape=tape)
+    settings = call_settings(args)
+    check_edit_steps(settings["num_inference_steps"], args.strength)
+    if args.model is None:
+        demo_edit_size(args)
     video, height, width = source_video(args.input, args.max_frames, args.height, args.width)
+    if args.model is None:
+        warn_untrained_size(len(video), height, width)
     pipe = load_pipeline(args.model, device, dtype, video_to_video=True)
 
     def run() -> tuple[object, float]:
         started = time.perf_counter()
         frames = pipe(
             prompt=args.prompt, video=video, height=height, width=width, strength=args.strength,
-            generator=torch.Generator(device).manual_seed(args.seed), output_type="np", **call_settings(args),
+            generator=torch.Generator(device).manual_seed(args.seed), output_type="np", **settings,
         ).frames[0]
         return frames, time.perf_counter() - started
 
     if config is not None:
         apply(pipe, config)
     print(f"method: {args.method}, {len(video)} frames at {width}x{height}, strength {args.strength}")
+    print(f"encoding {len(video)} frames, then denoising...")
     frames, elapsed = run()
     if config is not None:
         spans = stats(pipe).forwards[0].spans
@@ -178,11 +309,12 @@ def edit(args: argparse.Namespace) -> None:
     print(f"edited in {elapsed:.2f} s on {device}")
     if args.compare:
         compare_with_unpruned(pipe, run, frames, elapsed, "edit")
-    path = write_video(frames, args.output, fps=args.fps)
+    path = write_video(frames, args.output, fps=args.fps, overwrite=args.overwrite)
     print(f"wrote {path}")
 
 
 def bench(args: argparse.Namespace) -> None:
+    check_folder(args.out, f"--out {args.out!r}")
     random_shape = RANDOM_MODELS.get(args.model)
     fidelity = random_shape is None
     methods = parse_methods(args.methods or default_methods(not fidelity), random_weights=not fidelity)
@@ -194,16 +326,23 @@ def bench(args: argparse.Namespace) -> None:
     pyplot()  # the plot's dependency, before the long run
     device, dtype = _device(args.device)
     if fidelity:
-        pipe = load_pipeline(args.model, device, dtype)
         call = call_settings(args)
+    else:
+        call = dict(num_inference_steps=20 if args.steps is None else args.steps, guidance_scale=args.guidance)
+    demo = args.model is None or _is_demo_folder(args.model)
+    sizes = dict(num_frames=(args.frames, NUM_FRAMES if demo else 81), height=(args.height, HEIGHT if demo else 480),
+                 width=(args.width, WIDTH if demo else 832))
+    call.update({key: default if given is None else given for key, (given, default) in sizes.items()})
+    if any(method.task == "edit" for method in methods):
+        check_edit_steps(call["num_inference_steps"], args.strength)
+    if args.model is None:
+        warn_untrained_size(call["num_frames"], call["height"], call["width"])
+    if fidelity:
+        pipe = load_pipeline(args.model, device, dtype)
     else:
         print(f"model: {args.model}, a Wan2.1-shaped transformer ({random_shape}) with random weights in {dtype}: "
               "real speed, no fidelity")
         pipe = build_random_pipeline(random_shape, device, dtype)
-        call = dict(num_inference_steps=args.steps or 20, guidance_scale=args.guidance)
-    demo = args.model is None or _is_demo_folder(args.model)
-    call.update(num_frames=args.frames or (17 if demo else 81), height=args.height or (128 if demo else 480),
-                width=args.width or (128 if demo else 832))
     words = ["vidprune", "bench"]
     for key, value in vars(args).items():
         if key not in ("command", "run") and value is not None:
@@ -215,16 +354,25 @@ def bench(args: argparse.Namespace) -> None:
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="local folder or hub id of a diffusers Wan pipeline (default: demo pipeline)")
-    parser.add_argument("--steps", type=int, help="denoising steps (default: the demo model's 25, else 25)")
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fps", type=int, default=16)
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--model", type=model_name,
+                        help="local folder or hub id of a diffusers Wan pipeline (default: demo pipeline)")
+    parser.add_argument("--steps", type=POSITIVE, help="denoising steps (default: the demo model's 25, else 25)")
+    parser.add_argument("--guidance", type=NON_NEGATIVE, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--seed", type=SEED, default=0)
+    parser.add_argument("--fps", type=POSITIVE, default=16)
+    parser.add_argument("--device", type=device_name, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors take vidprune's form: one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"vidprune: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vidprune", description="Faster diffusers video transformers by token pruning.")
+    parser = _Parser(prog="vidprune", description="Faster diffusers video transformers by token pruning.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="text-to-video with token pruning")
@@ -232,10 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--method", choices=METHODS, default="tape",
                      help="tape (default: token cache, refreshing selection, first 20%% of steps dense), paper "
                           "(TAPE as its paper describes it), naive per-frame pruning, random pruning, or none")
-    gen.add_argument("--keep", type=float, default=0.5, help="mean fraction of video tokens kept (0, 1]")
-    gen.add_argument("--frames", type=int, default=17, help="video frames (4k+1 for Wan)")
-    gen.add_argument("--height", type=int, default=128, help="the demo model is trained at 128x128")
-    gen.add_argument("--width", type=int, default=128)
+    gen.add_argument("--keep", type=FRACTION, default=0.5, help="mean fraction of video tokens kept (0, 1]")
+    gen.add_argument("--frames", type=FRAMES, default=NUM_FRAMES, help="video frames (4k+1 for Wan)")
+    gen.add_argument("--height", type=SIZE, default=HEIGHT, help=f"the demo model is trained at {WIDTH}x{HEIGHT}")
+    gen.add_argument("--width", type=SIZE, default=WIDTH)
     gen.add_argument("--compare", action="store_true",
                      help="also generate without pruning (same seed) and report the speedup and PSNR against it")
     gen.add_argument("-o", "--output", default="out.mp4", help=".mp4 or .gif file to write")
@@ -248,16 +396,19 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--method", choices=EDIT_METHODS, default="lip",
                     help="lip (with Attention Recovery, default), lip-noar (plain pruning), lip-tape (lip, then "
                          "TAPE pruning among the tokens LIP keeps) or none")
-    ed.add_argument("--keep", type=float, default=0.5,
+    ed.add_argument("--keep", type=FRACTION, default=0.5,
                     help="lip-tape: the share of LIP's kept tokens TAPE keeps, mean over the steps (default 0.5)")
-    ed.add_argument("--strength", type=float, default=0.7, help="how far to noise the source (0, 1]")
-    ed.add_argument("--tau", type=float, default=LipDetection.tau,
+    ed.add_argument("--strength", type=FRACTION, default=0.7, help="how far to noise the source (0, 1]")
+    ed.add_argument("--tau", type=NON_NEGATIVE, default=LipDetection.tau,
                     help="a token is computed where its latent distance to the previous frame exceeds tau")
-    ed.add_argument("--target-prune", type=float,
+    ed.add_argument("--target-prune", type=OPEN_FRACTION,
                     help="instead of tau: the fraction of tokens to prune; tau is fitted to this video")
-    ed.add_argument("--max-frames", type=int, help="read at most this many frames")
-    ed.add_argument("--height", type=int, help="default: the video's, rounded down to a multiple of 16")
-    ed.add_argument("--width", type=int, help="default: the video's, rounded down to a multiple of 16")
+    ed.add_argument("--max-frames", type=MAX_FRAMES,
+                    help=f"read at most this many frames (default: {NUM_FRAMES} with the demo model, else all)")
+    ed.add_argument("--height", type=SIZE, help=f"default: {HEIGHT} with the demo model, else the video's, rounded "
+                    "down to a multiple of 16; the frames are resized")
+    ed.add_argument("--width", type=SIZE, help=f"default: {WIDTH} with the demo model, else the video's, rounded "
+                    "down to a multiple of 16")
     ed.add_argument("--compare", action="store_true", help="also run the unpruned edit and report fidelity")
     ed.add_argument("-o", "--output", default="edited.mp4", help=".mp4 or .gif file to write")
     _common_arguments(ed)
@@ -273,20 +424,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     be.add_argument("--methods", nargs="+", metavar="METHOD",
                     help="methods to run (default: all of the issue's list for the model)")
-    be.add_argument("--model", help="local folder or hub id of a diffusers Wan pipeline, or a random-weight Wan2.1 "
+    be.add_argument("--model", type=model_name, help="local folder or hub id of a diffusers Wan pipeline, or a random-weight Wan2.1 "
                     f"transformer for speed only: {', '.join(RANDOM_MODELS)} (default: the demo pipeline)")
+    # bench.Options checks the counts, also before any model loads.
     be.add_argument("--prompts", type=int, help="text-to-video prompts (default 16; 1 on random weights)")
     be.add_argument("--seeds", type=int, help="seeds per prompt or clip (default 2; 1 on random weights)")
     be.add_argument("--clips", type=int, default=6, help="source clips to edit, when editing methods run")
     be.add_argument("--repeats", type=int, help="timed calls per method and input (default 1; 2 on random weights)")
     be.add_argument("--warmup", type=int, default=1, help="untimed calls per method before timing")
-    be.add_argument("--strength", type=float, default=0.7, help="editing strength")
-    be.add_argument("--frames", type=int, help="video frames (default: 17 for the demo model, else 81)")
-    be.add_argument("--height", type=int, help="default: 128 for the demo model, else 480")
-    be.add_argument("--width", type=int, help="default: 128 for the demo model, else 832")
-    be.add_argument("--steps", type=int, help="denoising steps (default: the demo model's 25; 20 on random weights)")
-    be.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    be.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    be.add_argument("--strength", type=FRACTION, default=0.7, help="editing strength (0, 1]")
+    be.add_argument("--frames", type=FRAMES, help=f"video frames (default: {NUM_FRAMES} for the demo model, else 81)")
+    be.add_argument("--height", type=SIZE, help=f"default: {HEIGHT} for the demo model, else 480")
+    be.add_argument("--width", type=SIZE, help=f"default: {WIDTH} for the demo model, else 832")
+    be.add_argument("--steps", type=POSITIVE,
+                    help="denoising steps (default: the demo model's 25; 20 on random weights)")
+    be.add_argument("--guidance", type=NON_NEGATIVE, default=5.0, help="classifier-free guidance scale")
+    be.add_argument("--device", type=device_name, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     be.add_argument("--out", default="out/bench", help="folder for bench.json, bench.md and bench.png")
     be.set_defaults(run=bench)
     return parser
@@ -299,8 +452,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--compare sets the pruned video against the unpruned one: it needs a --method other than none")
     try:
         args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"vidprune: {error}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as error:  # user errors, and files that cannot be read or written
+        print("vidprune: " + " ".join(str(error).splitlines()), file=sys.stderr)
         raise SystemExit(2) from error
 
 

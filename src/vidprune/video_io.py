@@ -1,7 +1,9 @@
-"""Writing videos to disk (mp4 through imageio's ffmpeg, gif through Pillow)."""
+"""Reading videos, and writing them to disk (mp4 through imageio's ffmpeg, gif through Pillow)."""
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -14,25 +16,65 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def check_output_path(path: str | Path) -> Path:
-    """The path as a Path if it names a format we write, else ValueError (checked before long work)."""
+def check_folder(folder: str | Path, what: str | None = None) -> Path:
+    """The folder as a Path if files can be written in it, existing or to be created, else
+    ValueError naming it as `what` (default: the folder's path); checked before long work."""
+    folder = Path(folder)
+    what = what or f"folder {str(folder)!r}"
+    existing = folder
+    while not existing.exists():  # the nearest existing ancestor: mkdir creates the rest
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} is not accepted: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} is not accepted: folder {str(existing)!r} is not writable")
+    return folder
+
+
+def check_output_path(path: str | Path, overwrite: bool = False) -> Path:
+    """The path as a Path if a video can be written there, else ValueError, or FileExistsError
+    for an existing file when not `overwrite` (checked before long work)."""
     path = Path(path)
     if path.suffix.lower() not in (".mp4", ".gif"):
         raise ValueError(f"output {str(path)!r} is not accepted: the file name must end in .mp4 or .gif")
+    if path.is_dir():
+        raise ValueError(f"output {str(path)!r} is not accepted: it is a folder; give a file name ending in .mp4 "
+                         "or .gif")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"output {str(path)!r} already exists: give --overwrite (overwrite=True) to replace it, "
+                              "or another file name")
+    check_folder(path.parent, f"output {str(path)!r}")
     return path
 
 
-def write_video(frames: np.ndarray, path: str | Path, fps: int = 16) -> Path:
-    """Write (frames, H, W, 3) frames to .mp4 or .gif; creates the folder."""
-    path = check_output_path(path)
+def write_video(frames: np.ndarray, path: str | Path, fps: int = 16, overwrite: bool = False) -> Path:
+    """Write (frames, H, W, 3) frames to .mp4 or .gif, creating the folder; an existing file is
+    replaced only if `overwrite`. The video is written to a temporary file beside `path` and
+    renamed into place once complete, so a failed write leaves neither a partial file nor a
+    damaged old one."""
+    path = check_output_path(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = to_uint8(np.asarray(frames))
+    # Named here rather than made by tempfile, which would create it readable by its owner only.
+    temporary = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}")
+    try:
+        _encode(frames, temporary, fps)
+        # imageio's ffmpeg writer reports some failures (a path it cannot open) only on stderr.
+        if not temporary.is_file() or temporary.stat().st_size == 0:
+            raise OSError(f"could not write {str(path)!r}: the encoder wrote no file")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def _encode(frames: np.ndarray, path: Path, fps: int) -> None:
     if path.suffix.lower() == ".gif":
         from PIL import Image
 
         images = [Image.fromarray(frame) for frame in frames]
         images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-        return path
+        return
     try:
         import imageio.v2 as imageio
     except ImportError as error:
@@ -41,7 +83,6 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = 16) -> Path:
     with imageio.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1) as writer:
         for frame in frames:
             writer.append_data(frame)
-    return path
 
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
@@ -58,10 +99,7 @@ def read_video(path: str | Path, max_frames: int | None = None) -> np.ndarray:
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
         if not files:
             raise ValueError(f"folder {str(path)!r} holds no frames: expected {', '.join(FRAME_SUFFIXES)} images")
-        from PIL import Image
-
-        files = files[:max_frames]
-        frames = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        frames = [_read_frame(file) for file in files[:max_frames]]
         if len({f.shape for f in frames}) > 1:
             raise ValueError(f"frames in {str(path)!r} differ in size: every frame must have the same size")
         return np.stack(frames)
@@ -80,3 +118,13 @@ def read_video(path: str | Path, max_frames: int | None = None) -> np.ndarray:
     if not frames:
         raise ValueError(f"video {str(path)!r} has no frames")
     return np.stack(frames).astype(np.uint8)
+
+
+def _read_frame(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as error:  # Pillow's errors for a file that is not a readable image
+        raise ValueError(f"could not read frame {str(path)!r}: {error}") from error
