@@ -19,7 +19,7 @@ import vidprune.video_io as video_io
 from vidprune.cli import main
 from vidprune.video_io import write_video
 
-SMALL = ["--frames", "5", "--height", "32", "--width", "32", "--steps", "2"]
+SMALL = ["--frames", "5", "--height", "32", "--width", "32", "--steps", "3"]
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -116,6 +116,8 @@ PRE_LOAD_ERRORS = [
     (EDIT + ["--target-prune", "1"], None, "argument --target-prune: 1 is not accepted: give a number in (0, 1)"),
     (GEN + ["--width", "100"], None, "argument --width: 100 is not accepted: give a positive multiple of 16"),
     (GEN + ["--steps", "two"], None, "argument --steps: two is not accepted: give an integer >= 1"),
+    (GEN + ["--steps", "2", "--keep", "0.5"], None, "keep=0.5 cannot be met with 1 of 2 steps unpruned"),
+    (EDIT + ["--method", "lip-tape", "--steps", "3"], None, "keep=0.5 cannot be met with 1 of 2 steps unpruned"),
     (["bench", "--steps", "0"], None, "argument --steps: 0 is not accepted: give an integer >= 1"),
     (["bench", "--frames", "6"], None, "argument --frames: 6 is not accepted: give a frame count of the form 4k+1"),
     (["bench", "--methods", "lip:0.5", "--steps", "1"], None, "--strength 0.7 with 1 steps runs no denoising step"),

@@ -20,6 +20,7 @@ from .config import LipConfig, TapeConfig
 from .demo.pipeline import DEFAULT_CALL, HEIGHT, MODEL_DIR, NUM_FRAMES, WIDTH, load_demo_pipeline
 from .interframe import LipDetection
 from .patch import apply, remove, stats
+from .schedule import plan_keeps
 from .video_io import check_folder, check_output_path, read_video, write_video
 
 METHODS = ("none", "tape", "paper", "naive", "random")
@@ -117,6 +118,13 @@ def check_edit_steps(steps: int, strength: float) -> None:
                          f"{1 / steps:.3g} or more --steps")
 
 
+def check_budget(config: TapeConfig | None, steps: int) -> None:
+    """Refuse, before loading, a mean keep that the call's steps cannot meet (a few steps and
+    the dense first ones): the schedule's own message says what to change."""
+    if config is not None:
+        plan_keeps(config, [1 - i / steps for i in range(steps)])
+
+
 # -- the demo model's size ---------------------------------------------------------------------
 
 
@@ -210,6 +218,7 @@ def generate(args: argparse.Namespace) -> None:
     config = tape_config(args.method, args.keep)  # validate the arguments before the model loads
     check_output_path(args.output, args.overwrite)
     settings = call_settings(args)
+    check_budget(config, settings["num_inference_steps"])
     if args.model is None:
         warn_untrained_size(args.frames, args.height, args.width)
     pipe = load_pipeline(args.model, device, dtype)
@@ -278,6 +287,7 @@ def edit(args: argparse.Namespace) -> None:
                                                           tape=tape)
     settings = call_settings(args)
     check_edit_steps(settings["num_inference_steps"], args.strength)
+    check_budget(tape, int(settings["num_inference_steps"] * args.strength))
     if args.model is None:
         demo_edit_size(args)
     video, height, width = source_video(args.input, args.max_frames, args.height, args.width)
