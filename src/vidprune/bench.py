@@ -192,7 +192,7 @@ KINDS = {
                "Wan's pipelines never pass; what remains is its attention extrapolation (weight 0.5).")),
 }
 TAPE_KINDS = ("tape", "tape-nocache", "tape-norefresh", "tape-nodense", "paper", "naive", "random")
-LIP_TAPE_KINDS = ("lip-tape", "lip-tape-paper")  # LipConfig(tape=...) with the TAPE kind after "lip-"
+LIP_TAPE_KINDS = {"lip-tape": "tape", "lip-tape-paper": "paper"}  # LipConfig(tape=...) of this TAPE kind
 STACKABLE = ("fbc", "fbc-fixed", "mag", "mag-fixed")  # caches that compose with vidprune (module docstring)
 TAYLOR_MODULES = r"blocks\.\d+\.(attn1|attn2|ffn)"
 STACK_NOTE = ("stacks (PRUNING+CACHE): vidprune applied first, the cache enabled after, removed in reverse order; "
@@ -259,7 +259,7 @@ def parse_method(text: str) -> Method:
         if name in TAPE_KINDS:  # the configurations check their values now, not after the model loads
             tape_config(name, parts[-1][1])
         elif name in LIP_TAPE_KINDS:
-            tape_config(name.removeprefix("lip-"), parts[-1][1])
+            tape_config(LIP_TAPE_KINDS[name], parts[-1][1])
         elif name.startswith("lip") and parts[-1][1] is not None:
             LipDetection(target_prune=parts[-1][1])
     if len(parts) > 1 and (len(parts) != 2 or parts[0][0] not in TAPE_KINDS or parts[1][0] not in STACKABLE):
@@ -385,7 +385,7 @@ def attach(pipe: Any, method: Method, setup: Setup) -> None:
         if kind in TAPE_KINDS:
             vidprune.apply(pipe, tape_config(kind, value))
         elif kind in LIP_TAPE_KINDS:
-            vidprune.apply(pipe, LipConfig(tape=tape_config(kind.removeprefix("lip-"), value)))
+            vidprune.apply(pipe, LipConfig(tape=tape_config(LIP_TAPE_KINDS[kind], value)))
         elif kind.startswith("lip"):
             detection = LipDetection() if value is None else LipDetection(target_prune=value)
             mask = fixed_lip_mask(*setup.lip_grid, value) if setup.lip_grid else None

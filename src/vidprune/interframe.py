@@ -11,13 +11,12 @@ pruned token has an earlier computed occurrence at its position to copy from.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .tokens import patches
-from .validation import check_choice, fail
+from .validation import check_choice, fail, is_number
 
 METRICS = ("trimmed_l1", "l1", "l2", "cosine")
 DILATION = (3, 5, 5)
@@ -26,14 +25,10 @@ BISECTION_STEPS = 40
 PatchSize = tuple[int, int, int]
 
 
-def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float))
-
-
 def _check_metric(metric: str, trim: float) -> None:
     check_choice("metric", metric, METRICS)
-    if not _is_number(trim) or not 0.0 <= trim < 0.5:
-        fail("trim", trim, "a number in [0, 0.5)")
+    if not is_number(trim) or not 0.0 <= trim < 0.5:
+        fail("trim", trim, "a finite number in [0, 0.5)")
 
 
 def patchify(latents: torch.Tensor, patch_size: PatchSize) -> torch.Tensor:
@@ -173,16 +168,16 @@ class LipDetection:
 
     def __post_init__(self) -> None:
         _check_metric(self.metric, self.trim)
-        if not _is_number(self.tau) or self.tau < 0:
-            fail("tau", self.tau, "a number >= 0")
-        if self.tau2 is not None and (not _is_number(self.tau2) or self.tau2 <= 0):
-            fail("tau2", self.tau2, "None (no drift bound) or a number > 0")
+        if not is_number(self.tau) or self.tau < 0:
+            fail("tau", self.tau, "a finite number >= 0")
+        if self.tau2 is not None and (not is_number(self.tau2) or self.tau2 <= 0):
+            fail("tau2", self.tau2, "None (no drift bound) or a finite number > 0")
         for name in ("median", "smooth", "cleanup", "dilate"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, getattr(self, name), "True or False")
-        if not _is_number(self.sigma) or self.sigma <= 0:
-            fail("sigma", self.sigma, "a number > 0")
-        if self.target_prune is not None and (not _is_number(self.target_prune) or not 0 <= self.target_prune < 1):
+        if not is_number(self.sigma) or self.sigma <= 0:
+            fail("sigma", self.sigma, "a finite number > 0")
+        if self.target_prune is not None and (not is_number(self.target_prune) or not 0 <= self.target_prune < 1):
             fail("target_prune", self.target_prune, "None or a number in [0, 1)")
 
 

@@ -123,7 +123,7 @@ class LipPruner(TokenPruner):
         return self.state.recording is None
 
     def plan_forward(self, current: ForwardState) -> None:
-        plan = self._plan(current.grid, current.inputs["hidden_states"].device)
+        plan = self._plan(current)
         keep = plan.index.shape[1] / current.grid.size
         current.active = keep < 1.0
         tape = self.state.tape
@@ -208,7 +208,7 @@ class LipPruner(TokenPruner):
     def finish_forward(self, current: ForwardState, output: Any) -> Any:
         sample = output[0] if isinstance(output, tuple) else output.sample
         restored = restore_from_references(
-            sample, current.inputs["hidden_states"], self.state.plan.reference,
+            sample, self.adapter.noisy_latents(self.transformer, current.inputs), self.state.plan.reference,
             self.adapter.patch_size(self.transformer), current.sigma, self.config.restore,
         )
         if isinstance(output, tuple):
@@ -224,11 +224,16 @@ class LipPruner(TokenPruner):
         return self.state.clean[self.state.current.branch][layer]
 
     # -- helpers ------------------------------------------------------------------------
-    def _plan(self, grid: TokenGrid, device: torch.device) -> LipPlan:
-        state = self.state
+    def _plan(self, current: ForwardState) -> LipPlan:
+        state, grid = self.state, current.grid
         if state.plan is not None and state.plan.keep.shape[0] == grid.size:
             return state.plan
-        mask = self._mask(grid).to(device)
+        noisy = self.adapter.noisy_latents(self.transformer, current.inputs)
+        patch = self.adapter.patch_size(self.transformer)
+        if any(size % p for size, p in zip(noisy.shape[2:], patch)):
+            raise ValueError(f"LIP needs latent (frames, height, width) divisible by the patch size {patch}; this call's "
+                             f"latents are {tuple(noisy.shape[2:])}: choose a video size whose latents divide evenly")
+        mask = self._mask(grid, noisy).to(noisy.device)
         keep = mask.any(dim=0).flatten()  # a token is computed if any video of the batch needs it
         reference = reference_index(keep.view(1, grid.frames, grid.height, grid.width))[0]
         keys = recovery_keys(keep, reference, grid, self.config.duplicates) if self.config.recovery else None
@@ -236,10 +241,14 @@ class LipPruner(TokenPruner):
         state.plan = LipPlan(keep, keep.nonzero().view(1, -1), reference, keys, counts)
         return state.plan
 
-    def _mask(self, grid: TokenGrid) -> torch.Tensor:
-        expected = (grid.frames, grid.height, grid.width)
+    def _mask(self, grid: TokenGrid, noisy: torch.Tensor) -> torch.Tensor:
+        """The (batch or 1, frames, height, width) keep mask of this call, checked against it."""
+        expected, batch = (grid.frames, grid.height, grid.width), noisy.shape[0]
         if self.config.mask is not None:
             mask = self.config.mask if self.config.mask.ndim == 4 else self.config.mask.unsqueeze(0)
+            if mask.shape[0] not in (1, batch):
+                raise ValueError(f"LipConfig.mask holds {mask.shape[0]} masks for a call of {batch} videos: give one "
+                                 f"mask (frames, height, width) or one per video ({batch}, ...)")
             if tuple(mask.shape[1:]) != expected:
                 raise ValueError(
                     f"mask of shape {tuple(self.config.mask.shape)} does not fit this video: LipConfig.mask must be "
@@ -254,6 +263,12 @@ class LipPruner(TokenPruner):
                 "LIP needs the source video: run it through a video-to-video pipeline (WanVideoToVideoPipeline) "
                 "with video=..., or give LipConfig(source_latents=...) or LipConfig(mask=...)"
             )
+        if tuple(source.shape[1:]) != tuple(noisy.shape[1:]) or source.shape[0] not in (1, batch):
+            raise ValueError(f"source latents of shape {tuple(source.shape)} do not fit this call's latents "
+                             f"{tuple(noisy.shape)}: they must be ({'1' if batch == 1 else f'1 or {batch}'}, "
+                             f"{', '.join(map(str, noisy.shape[1:]))})")
+        if not torch.isfinite(source).all():
+            raise ValueError("the source latents hold NaN or infinite values: LIP cannot measure change on them")
         return keep_mask(source, self.adapter.patch_size(self.transformer), self.config.detection)
 
     def _clean_pass(self, current: ForwardState) -> None:
@@ -268,9 +283,8 @@ class LipPruner(TokenPruner):
                 "kv_source='clean' needs the source video: call a video-to-video pipeline with video=..., "
                 "or give LipConfig(source_latents=...)"
             )
-        inputs = dict(current.inputs)
-        batch = inputs["hidden_states"].shape[0]
-        inputs["hidden_states"] = source.to(inputs["hidden_states"]).expand(batch, -1, -1, -1, -1)
+        batch = current.inputs["hidden_states"].shape[0]
+        inputs = self.adapter.with_noisy_latents(self.transformer, current.inputs, source.expand(batch, -1, -1, -1, -1))
         inputs[self.adapter.timestep_argument] = torch.zeros_like(inputs[self.adapter.timestep_argument])
         state.recording = []
         try:

@@ -38,6 +38,16 @@ class Adapter:
         _, _, frames, height, width = hidden_states.shape
         return TokenGrid(frames // p_t, height // p_h, width // p_w)
 
+    def noisy_latents(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """The noisy latents (batch, channels, frames, height, width) among a forward's inputs,
+        without any conditioning channels the model takes beside them."""
+        raise NotImplementedError
+
+    def with_noisy_latents(self, transformer: torch.nn.Module, inputs: dict[str, Any],
+                           latents: torch.Tensor) -> dict[str, Any]:
+        """A forward's inputs with `latents` in place of its noisy latents (conditioning kept)."""
+        raise NotImplementedError
+
     def gather_block_inputs(self, inputs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
         """The per-token block inputs (hidden states, positional tables, per-token modulation)
         restricted to the tokens `index` (batch, kept). Other inputs are left out."""

@@ -101,6 +101,16 @@ class WanAdapter(Adapter):
     def self_attention(self, block: torch.nn.Module) -> torch.nn.Module:
         return block.attn1
 
+    def noisy_latents(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        # Wan I2V concatenates the image condition after the noisy latents along channels.
+        return inputs["hidden_states"][:, : transformer.config.out_channels]
+
+    def with_noisy_latents(self, transformer: torch.nn.Module, inputs: dict[str, Any],
+                           latents: torch.Tensor) -> dict[str, Any]:
+        hidden_states = inputs["hidden_states"]
+        condition = hidden_states[:, transformer.config.out_channels :]
+        return {**inputs, "hidden_states": torch.cat([latents.to(hidden_states), condition], dim=1)}
+
     def hidden_size(self, transformer: torch.nn.Module) -> int:
         return transformer.config.num_attention_heads * transformer.config.attention_head_dim
 
