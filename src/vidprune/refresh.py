@@ -19,6 +19,7 @@ import torch
 
 from .tokens import TokenGrid, gather_tokens, scatter_tokens
 
+
 @dataclass
 class SpanMemory:
     """What one span remembers of its tokens across the steps of a call, for one guidance branch.
@@ -51,7 +52,10 @@ def mean_normalised(values: torch.Tensor, among: torch.Tensor | None = None) -> 
     """(batch, tokens) values divided by each sample's mean (over the tokens `among`, a
     (tokens,) bool, if given), so terms of different units weigh alike; a zero mean gives zeros."""
     values = values.float()
-    mean = values.mean(dim=1, keepdim=True) if among is None else values[:, among].mean(dim=1, keepdim=True)
+    if among is None:
+        mean = values.mean(dim=1, keepdim=True)
+    else:  # a masked mean: indexing with a bool mask would wait for the GPU
+        mean = (values * among).sum(dim=1, keepdim=True) / among.sum().clamp(min=1)
     return torch.where(mean > 0, values / mean.clamp(min=1e-12), torch.zeros_like(values))
 
 
@@ -69,7 +73,8 @@ def due_now(staleness: torch.Tensor, grid: TokenGrid, budget: torch.Tensor, refr
     Earliest deadline first: a token of staleness s must be computed within the next K - s
     selections, so within the next d selections at least count(s >= K - d) tokens are due,
     of which d - 1 later selections can take (d - 1) x budget: the rest is due now, the stalest
-    first. Only forcing tokens at their last chance would let them pile up past the budget."""
+    first (ties by position). Only forcing tokens at their last chance would let them pile up
+    past the budget."""
     batch = staleness.shape[0]
     stale = staleness.view(batch, grid.frames, grid.per_frame)
     valid = torch.ones_like(stale, dtype=torch.bool) if among is None else among.view(1, grid.frames, -1).expand_as(stale)
