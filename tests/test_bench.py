@@ -28,7 +28,6 @@ def test_bench_writes_json_table_and_plot(tmp_path):
             assert 0 < entry["psnr"] < 100 and 0 < entry["ssim"] < 1
     assert methods["unpruned"]["psnr"] is None  # identical to itself: inf, written as null
     assert methods["tape:0.5"]["mean_keep"] == pytest.approx(0.5)
-    assert methods["fbc-fixed:2"]["forward_ms_median"] < methods["unpruned"]["forward_ms_median"]
     assert report["command"].startswith("vidprune bench --methods tape:0.5 fbc-fixed:2")
     assert len(report["runs"]) == 3 and report["info"]["torch"] == torch.__version__
     rows = [line for line in (tmp_path / "bench.md").read_text().splitlines() if line.startswith("| ")]
