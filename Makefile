@@ -18,7 +18,7 @@ install: $(BIN)/vidprune
 
 demo: install
 	$(BIN)/vidprune generate "a red circle moves left over a blue checkered floor, the camera is still" \
-		--method tape --keep 0.5 -o out/demo.mp4
+		--method tape --keep 0.5 -o out/demo.mp4 --overwrite
 
 test: install
 	$(BIN)/python -m pytest
