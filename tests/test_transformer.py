@@ -110,7 +110,7 @@ def test_adapter_query_key_equal_the_models_own(monkeypatch, fused):
     monkeypatch.setattr(transformer_wan, "dispatch_attention_fn", spy)
     inputs = transformer_inputs(batch=2, frames=3, height=6, width=8)
     model(**inputs)
-    grid = adapter_for(model).token_grid(model, inputs["hidden_states"])
+    grid = adapter_for(model).token_grid(model, inputs)
     everyone = torch.arange(grid.size)
     query, key = adapter_for(model).query_key(model.blocks[0], block_inputs, everyone)
     model_query, model_key = captured["qk"]  # (batch, tokens, heads, dim)

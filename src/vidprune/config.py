@@ -64,7 +64,9 @@ class TapeConfig:
         next one (ahead of any score), so every token is recomputed at least once in every K
         pruned steps whenever a step keeps at least 1/K of each frame. 0: no forced refresh.
     share_cfg_selection: the second transformer call of a step (the unconditional branch of
-        classifier-free guidance) reuses the first call's selection instead of scoring again.
+        classifier-free guidance) reuses the first call's selection instead of scoring again;
+        where the pipeline batches both branches into one call (LTX), the unconditional half
+        of the batch computes the conditional half's selection.
     seed: seed of the random query sample and of random importance.
     record_selections: keep every span's kept indices in `vidprune.stats` (for measuring
         selection jitter; costs memory).

@@ -70,6 +70,9 @@ def _check_target(target: Any, config: TapeConfig | LipConfig) -> list[torch.nn.
             "dense steps), and a bare transformer's forwards belong to no call: apply it to the pipeline, or use "
             "TapeConfig.paper(keep) (or naive/random), which select afresh at every forward"
         )
+    if isinstance(config, LipConfig) and not all(adapter.supports_lip for adapter in adapters):
+        name = next(type(t).__name__ for t, a in zip(transformers, adapters) if not a.supports_lip)
+        raise ValueError(f"LIP is not supported on {name} yet; TAPE (vidprune.TapeConfig) is")
     if isinstance(config, LipConfig) and config.mask is None and config.source_latents is None:
         editing = adapters[0].video_to_video_pipelines
         if not _is_pipeline(target) or type(target).__name__ not in editing:

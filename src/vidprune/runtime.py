@@ -176,8 +176,7 @@ class TokenPruner:
     def begin_forward(self, inputs: dict[str, Any]) -> None:
         if not self.wants_forward():
             return
-        hidden_states = inputs["hidden_states"]
-        grid = self.adapter.token_grid(self.transformer, hidden_states)
+        grid = self.adapter.token_grid(self.transformer, inputs)
         sigma = float(inputs[self.adapter.timestep_argument].max()) / self.state.num_train_timesteps
         context = inputs.get("encoder_hidden_states")
         record = ForwardRecord(step=None, sigma=sigma, keep=1.0, tokens=grid.size,

@@ -126,7 +126,19 @@ class Selector:
                                     among)
         if candidates is not None:
             return select_among(scores, candidates.keep, candidates.frame_counts, grid, keep)
-        return (select_per_frame if config.per_frame else select_global)(scores, grid, keep)
+        select = select_per_frame if config.per_frame else select_global
+        if self.batched_guidance(state):
+            # Both CFG branches in one batch: the unconditional half computes the tokens the
+            # conditional half selects, as a step's second call reuses the first's when the
+            # branches are separate calls (CFG branches must compute the same tokens).
+            return select(scores.chunk(2)[1], grid, keep).repeat(2, 1)
+        return select(scores, grid, keep)
+
+    def batched_guidance(self, state: TapeState) -> bool:
+        """Whether the forward carries both CFG branches as [unconditional; conditional] halves
+        of its batch and shares one selection between them."""
+        return (self.config.share_cfg_selection and self.adapter.guidance_batched
+                and bool(getattr(state.pipeline, "do_classifier_free_guidance", False)))
 
 
 class TapePruner(TokenPruner):
@@ -171,7 +183,8 @@ class TapePruner(TokenPruner):
         adapter, transformer = self.adapter, self.transformer
         needed = memory_estimate(
             "block", self.config.refreshes, len(self.spans), sum(s.end - s.start + 1 for s in self.spans),
-            current.grid.size, adapter.hidden_size(transformer), hidden_states.element_size(), branches=2,
+            current.grid.size, adapter.hidden_size(transformer), hidden_states.element_size(),
+            branches=1 if adapter.guidance_batched else 2,  # batched CFG: both branches are in the batch
             batch=hidden_states.shape[0], branch_modules=len(adapter.branch_modules(adapter.blocks(transformer)[0])),
         )
         free = torch.cuda.mem_get_info(hidden_states.device)[0]

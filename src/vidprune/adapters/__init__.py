@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from .base import Adapter
+from .ltx import LTXAdapter
 from .wan import WanAdapter
 
-ADAPTERS: tuple[Adapter, ...] = (WanAdapter(),)
+ADAPTERS: tuple[Adapter, ...] = (WanAdapter(), LTXAdapter())
 
 
 class UnsupportedModelError(TypeError):

@@ -27,15 +27,22 @@ class Adapter:
 
     #: pipeline classes whose source video LIP can read (video-to-video editing)
     video_to_video_pipelines: tuple[str, ...] = ()
+    #: whether LIP (noisy_latents, with_noisy_latents, recovery_processor) is implemented
+    supports_lip: bool = True
+    #: whether the family's pipelines run both CFG branches in one forward, batched as
+    #: [unconditional; conditional] halves (True), or call the transformer once per branch
+    guidance_batched: bool = False
 
     def patch_size(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
         """Latent (frames, height, width) covered by one token."""
         raise NotImplementedError
 
-    def token_grid(self, transformer: torch.nn.Module, hidden_states: torch.Tensor) -> TokenGrid:
-        """Token grid of the model input `hidden_states` (batch, channels, frames, height, width)."""
+    def token_grid(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> TokenGrid:
+        """Token grid of a forward, from its arguments by name. By default from the latents
+        `hidden_states` (batch, channels, frames, height, width); a model that takes packed
+        tokens reads the grid from the arguments that give it."""
         p_t, p_h, p_w = self.patch_size(transformer)
-        _, _, frames, height, width = hidden_states.shape
+        _, _, frames, height, width = inputs["hidden_states"].shape
         return TokenGrid(frames // p_t, height // p_h, width // p_w)
 
     def noisy_latents(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
@@ -90,3 +97,16 @@ class Adapter:
         """Approximate FLOPs of one block on `tokens` video tokens whose self-attention has
         `keys` keys (default: as many as tokens; attention is counted as tokens x keys)."""
         raise NotImplementedError
+
+
+def cross_attention_block_flops(dim: int, ffn_dim: int, tokens: int, context_tokens: int,
+                                keys: int | None = None) -> float:
+    """FLOPs of a DiT block of width `dim`: self-attention, cross-attention to `context_tokens`
+    text tokens (already projected to `dim`) and a two-layer feed-forward of width `ffn_dim`.
+    Multiply-adds count 2; norms, modulation and activations are left out."""
+    projections = 2 * tokens * dim * dim * 6  # self q, k, v, out; cross q, out
+    context_projections = 2 * context_tokens * dim * dim * 2  # cross k, v: not pruned
+    self_attention = 2 * 2 * tokens * (tokens if keys is None else keys) * dim
+    cross_attention = 2 * 2 * tokens * context_tokens * dim
+    feed_forward = 2 * 2 * tokens * dim * ffn_dim
+    return float(projections + context_projections + self_attention + cross_attention + feed_forward)

@@ -18,7 +18,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from ..recovery import recovered_attention
 from ..tokens import gather_tokens
-from .base import Adapter
+from .base import Adapter, cross_attention_block_flops
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, exact: bool = False) -> torch.Tensor:
@@ -171,11 +171,5 @@ class WanAdapter(Adapter):
         return query.transpose(1, 2), key.transpose(1, 2)
 
     def block_flops(self, transformer: torch.nn.Module, tokens: int, context_tokens: int, keys: int | None = None) -> float:
-        config = transformer.config
-        dim = self.hidden_size(transformer)
-        projections = 2 * tokens * dim * dim * 6  # self q, k, v, out; cross q, out
-        context_projections = 2 * context_tokens * dim * dim * 2  # cross k, v: not pruned
-        self_attention = 2 * 2 * tokens * (tokens if keys is None else keys) * dim
-        cross_attention = 2 * 2 * tokens * context_tokens * dim
-        feed_forward = 2 * 2 * tokens * dim * config.ffn_dim
-        return float(projections + context_projections + self_attention + cross_attention + feed_forward)
+        return cross_attention_block_flops(self.hidden_size(transformer), transformer.config.ffn_dim, tokens,
+                                           context_tokens, keys)

@@ -1,0 +1,105 @@
+"""diffusers LTXVideoTransformer3DModel (LTX-Video): TAPE on LTXPipeline (and per-token timesteps, as I2V passes them).
+
+The transformer takes packed tokens: hidden_states (B, N, C), frame-major as TokenGrid orders
+them, with the grid given by its num_frames, height and width arguments (token units: the
+pipelines pass the latent sizes with patch size 1). Block call:
+block(hidden_states, encoder_hidden_states, temb, image_rotary_emb, encoder_attention_mask) where
+- hidden_states (B, N, D): video tokens only; text enters through cross-attention (attn2);
+- temb: (B, 1, 6 * D), or (B, N, 6 * D) per token when the timestep is per token (I2V);
+- image_rotary_emb: (cos, sin), each (B, N, D), applied before the heads are split.
+
+The pipelines batch the CFG branches into one forward, [unconditional; conditional].
+LIP is not implemented for LTX yet (it would need the source latents in packed form).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import LTXVideoTransformer3DModel
+from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+from ..tokens import TokenGrid, gather_tokens
+from .base import Adapter, cross_attention_block_flops
+
+
+def _modulation(block: torch.nn.Module, temb: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
+    """The six (B, 1 or N, D) modulation vectors, as LTXVideoTransformerBlock.forward makes them:
+    shift, scale, gate of self-attention; shift, scale, gate of the feed-forward."""
+    table = block.scale_shift_table
+    return (table[None, None].to(temb.device) + temb.reshape(batch, temb.size(1), table.shape[0], -1)).unbind(dim=2)
+
+
+class LTXAdapter(Adapter):
+    model_classes = (LTXVideoTransformer3DModel,)
+    supports_lip = False
+    guidance_batched = True
+
+    def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
+        return transformer.transformer_blocks
+
+    def patch_size(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
+        config = transformer.config
+        return config.patch_size_t, config.patch_size, config.patch_size
+
+    def token_grid(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> TokenGrid:
+        sizes = [inputs.get(name) for name in ("num_frames", "height", "width")]
+        if any(size is None for size in sizes):
+            raise ValueError("vidprune reads LTX's token grid from the transformer's num_frames, height and width "
+                             "arguments; calls with video_coords only (LTXConditionPipeline) are not supported")
+        grid = TokenGrid(*(int(size) for size in sizes))
+        tokens = inputs["hidden_states"].shape[1]
+        if grid.size != tokens:
+            raise ValueError(f"LTX call with num_frames, height, width = {sizes} ({grid.size} tokens) but "
+                             f"{tokens} tokens in hidden_states")
+        return grid
+
+    def hidden_size(self, transformer: torch.nn.Module) -> int:
+        return transformer.config.num_attention_heads * transformer.config.attention_head_dim
+
+    def self_attention(self, block: torch.nn.Module) -> torch.nn.Module:
+        return block.attn1
+
+    def branch_modules(self, block: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+        return block.attn1, block.attn2, block.ff
+
+    def replay_block(self, block: torch.nn.Module, inputs: dict[str, Any], hidden_states: torch.Tensor,
+                     branch_outputs: list[torch.Tensor]) -> torch.Tensor:
+        # As LTXVideoTransformerBlock.forward adds its branches, in the model's dtype:
+        # self-attention and feed-forward times their gates, cross-attention ungated.
+        _, _, gate, _, _, feed_forward_gate = _modulation(block, inputs["temb"], hidden_states.shape[0])
+        self_attention, cross_attention, feed_forward = branch_outputs
+        x = hidden_states + self_attention * gate
+        x = x + cross_attention
+        return x + feed_forward * feed_forward_gate
+
+    def gather_block_inputs(self, inputs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+        cos, sin = inputs["image_rotary_emb"]
+        gathered = {
+            "hidden_states": gather_tokens(inputs["hidden_states"], index),
+            "image_rotary_emb": (gather_tokens(cos, index), gather_tokens(sin, index)),
+        }
+        if inputs["temb"].shape[1] != 1:  # per-token timesteps: modulation differs per token
+            gathered["temb"] = gather_tokens(inputs["temb"], index)
+        return gathered
+
+    def query_key(
+        self, block: torch.nn.Module, inputs: dict[str, Any], query_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden_states = inputs["hidden_states"]
+        cos, sin = inputs["image_rotary_emb"]
+        shift, scale = _modulation(block, inputs["temb"], hidden_states.shape[0])[:2]
+        x = block.norm1(hidden_states) * (1 + scale) + shift
+        attn = block.attn1
+        # LTX normalises q and k across heads and rotates them before splitting the heads.
+        key = apply_rotary_emb(attn.norm_k(attn.to_k(x)), (cos, sin)).unflatten(2, (attn.heads, -1))
+        rows = query_index.unsqueeze(0)
+        query = attn.norm_q(attn.to_q(gather_tokens(x, rows)))
+        query = apply_rotary_emb(query, (gather_tokens(cos, rows), gather_tokens(sin, rows))).unflatten(2, (attn.heads, -1))
+        return query.transpose(1, 2), key.transpose(1, 2)
+
+    def block_flops(self, transformer: torch.nn.Module, tokens: int, context_tokens: int, keys: int | None = None) -> float:
+        # diffusers' FeedForward: dim -> ffn width (4 * dim by default) -> dim
+        ffn_dim = self.blocks(transformer)[0].ff.net[0].proj.out_features
+        return cross_attention_block_flops(self.hidden_size(transformer), ffn_dim, tokens, context_tokens, keys)
