@@ -70,6 +70,9 @@ def _check_target(target: Any, config: TapeConfig | LipConfig) -> list[torch.nn.
             "dense steps), and a bare transformer's forwards belong to no call: apply it to the pipeline, or use "
             "TapeConfig.paper(keep) (or naive/random), which select afresh at every forward"
         )
+    if tape is not None and tape.cache == "block" and not all(adapter.supports_block_cache for adapter in adapters):
+        name = next(type(t).__name__ for t, a in zip(transformers, adapters) if not a.supports_block_cache)
+        raise ValueError(f"TapeConfig(cache='block') is not supported on {name}; use cache='span' (the default)")
     if isinstance(config, LipConfig) and not all(adapter.supports_lip for adapter in adapters):
         name = next(type(t).__name__ for t, a in zip(transformers, adapters) if not a.supports_lip)
         raise ValueError(f"LIP is not supported on {name} yet; TAPE (vidprune.TapeConfig) is")

@@ -231,7 +231,10 @@ class TokenPruner:
         output = forward(**inputs)
         self.after_block(block, layer, current.span)
         if layer == span.end:
-            output = self.finish_span(span, current.span, output)
+            # Only the video tokens were pruned; what else the block returns (a joint-attention
+            # block's text stream) is full length already.
+            hidden_states, rest = self.adapter.split_block_output(output)
+            output = self.adapter.join_block_output(self.finish_span(span, current.span, hidden_states), rest)
             current.span = None
         return output
 

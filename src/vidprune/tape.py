@@ -137,8 +137,7 @@ class Selector:
     def batched_guidance(self, state: TapeState) -> bool:
         """Whether the forward carries both CFG branches as [unconditional; conditional] halves
         of its batch and shares one selection between them."""
-        return (self.config.share_cfg_selection and self.adapter.guidance_batched
-                and bool(getattr(state.pipeline, "do_classifier_free_guidance", False)))
+        return self.config.share_cfg_selection and self.adapter.guidance_in_batch(state.pipeline)
 
 
 class TapePruner(TokenPruner):

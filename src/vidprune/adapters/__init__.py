@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from .base import Adapter
+from .cogvideox import CogVideoXAdapter
 from .ltx import LTXAdapter
 from .wan import WanAdapter
 
-ADAPTERS: tuple[Adapter, ...] = (WanAdapter(), LTXAdapter())
+ADAPTERS: tuple[Adapter, ...] = (WanAdapter(), LTXAdapter(), CogVideoXAdapter())
 
 
 class UnsupportedModelError(TypeError):

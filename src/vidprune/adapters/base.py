@@ -32,10 +32,25 @@ class Adapter:
     #: whether the family's pipelines run both CFG branches in one forward, batched as
     #: [unconditional; conditional] halves (True), or call the transformer once per branch
     guidance_batched: bool = False
+    #: whether TAPE's cache="block" (branch_modules, replay_block) is implemented
+    supports_block_cache: bool = True
 
     def patch_size(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
         """Latent (frames, height, width) covered by one token."""
         raise NotImplementedError
+
+    def guidance_in_batch(self, pipeline: Any) -> bool:
+        """Whether this pipeline call's forwards carry both CFG branches as halves of the batch."""
+        return self.guidance_batched and bool(getattr(pipeline, "do_classifier_free_guidance", False))
+
+    def split_block_output(self, output: Any) -> tuple[torch.Tensor, Any]:
+        """A block's output as (video hidden states, the rest): the rest passes a pruned span's
+        last block as the block produced it. By default a block returns only the hidden states."""
+        return output, None
+
+    def join_block_output(self, hidden_states: torch.Tensor, rest: Any) -> Any:
+        """Inverse of split_block_output."""
+        return hidden_states
 
     def token_grid(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> TokenGrid:
         """Token grid of a forward, from its arguments by name. By default from the latents

@@ -1,0 +1,121 @@
+"""diffusers CogVideoXTransformer3DModel (CogVideoX 1.0 and 1.5): TAPE on CogVideoXPipeline.
+
+The transformer takes latents (B, F, C, H, W), frames before channels, and patches them into
+frame-major tokens (p_t latent frames per token when the config sets patch_size_t: 1.5).
+Block call: block(hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs)
+returning (hidden_states, encoder_hidden_states), where
+- hidden_states (B, N, D): video tokens; encoder_hidden_states (B, T, D): the text tokens,
+  which attend jointly with the video tokens and are updated by every block;
+- temb: (B, time_embed_dim), one per sample: every block's modulation is per sample;
+- image_rotary_emb: (cos, sin), each (N, head_dim) with no batch axis, or None when the config
+  has no RoPE (1.0 2B: absolute positions are added before the blocks).
+
+Only the video stream is pruned: text tokens stay queries and keys of every block.
+The pipeline batches the CFG branches into one forward, [unconditional; conditional].
+LIP and TAPE's cache="block" are not implemented: the attention and the feed-forward run on
+the text and video tokens joined, so their outputs are not per video token as BlockCache
+captures them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import CogVideoXTransformer3DModel
+from diffusers.models.embeddings import apply_rotary_emb
+
+from ..tokens import TokenGrid, gather_tokens
+from .base import Adapter
+
+
+def _heads(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, N, heads * head_dim) -> (B, heads, N, head_dim)."""
+    return x.unflatten(2, (attn.heads, -1)).transpose(1, 2)
+
+
+class CogVideoXAdapter(Adapter):
+    model_classes = (CogVideoXTransformer3DModel,)
+    supports_lip = False
+    supports_block_cache = False
+    guidance_batched = True
+
+    def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
+        return transformer.transformer_blocks
+
+    def patch_size(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
+        config = transformer.config
+        return config.patch_size_t or 1, config.patch_size, config.patch_size
+
+    def token_grid(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> TokenGrid:
+        p_t, p_h, p_w = self.patch_size(transformer)
+        _, frames, _, height, width = inputs["hidden_states"].shape
+        return TokenGrid(frames // p_t, height // p_h, width // p_w)
+
+    def guidance_in_batch(self, pipeline: Any) -> bool:
+        # CogVideoXPipeline has no do_classifier_free_guidance; it batches both branches when
+        # guidance_scale > 1. use_dynamic_cfg rewrites the scale after each step to a value
+        # >= 1: a step where it is exactly 1 would select per half (and be refused with RoPE).
+        return getattr(pipeline, "guidance_scale", 1.0) > 1.0
+
+    def hidden_size(self, transformer: torch.nn.Module) -> int:
+        return transformer.config.num_attention_heads * transformer.config.attention_head_dim
+
+    def split_block_output(self, output: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        hidden_states, encoder_hidden_states = output
+        return hidden_states, encoder_hidden_states
+
+    def join_block_output(self, hidden_states: torch.Tensor, rest: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return hidden_states, rest
+
+    def gather_block_inputs(self, inputs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+        gathered = {"hidden_states": gather_tokens(inputs["hidden_states"], index)}
+        rope = inputs.get("image_rotary_emb")
+        if rope is not None:
+            # The block broadcasts one table over the batch, so every sample must keep the same
+            # tokens: true for batch 1 and for CFG halves sharing their selection.
+            if index.shape[0] > 1 and not torch.equal(index, index[:1].expand_as(index)):
+                raise ValueError(
+                    "CogVideoX's RoPE tables have no batch axis, so the samples of a batch must compute the same "
+                    "tokens: vidprune supports one video per call here (CFG halves share their selection with "
+                    "share_cfg_selection=True)"
+                )
+            gathered["image_rotary_emb"] = tuple(table[index[0]] for table in rope)
+        return gathered
+
+    def query_key(
+        self, block: torch.nn.Module, inputs: dict[str, Any], query_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # As CogVideoXBlock and CogVideoXAttnProcessor2_0 compute them for the video tokens:
+        # norm1's modulation, to_q/to_k, per-head LayerNorm, then RoPE. The text keys are left
+        # out: importance ranks video tokens by the attention they get from video queries.
+        hidden_states = inputs["hidden_states"]
+        norm = block.norm1
+        shift, scale = norm.linear(norm.silu(inputs["temb"])).chunk(6, dim=1)[:2]
+        x = norm.norm(hidden_states) * (1 + scale)[:, None, :] + shift[:, None, :]
+        attn = block.attn1
+        x_query = x[:, query_index]
+        query, key = _heads(attn, attn.to_q(x_query)), _heads(attn, attn.to_k(x))
+        if attn.norm_q is not None:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+        rope = inputs.get("image_rotary_emb")
+        if rope is not None:
+            cos, sin = rope
+            query = apply_rotary_emb(query, (cos[query_index], sin[query_index]))
+            key = apply_rotary_emb(key, rope)
+        return query, key
+
+    def block_flops(self, transformer: torch.nn.Module, tokens: int, context_tokens: int, keys: int | None = None) -> float:
+        """FLOPs of one CogVideoXBlock: the text tokens join the video tokens in every projection,
+        the attention (as queries and keys) and the feed-forward. Multiply-adds count 2; the two
+        modulation projections of temb count once per sample; norms and activations are left out."""
+        config = transformer.config
+        dim = self.hidden_size(transformer)
+        ffn_dim = self.blocks(transformer)[0].ff.net[0].proj.out_features
+        joint = tokens + context_tokens
+        joint_keys = (tokens if keys is None else keys) + context_tokens
+        projections = 2 * joint * dim * dim * 4  # q, k, v, out
+        attention = 2 * 2 * joint * joint_keys * dim  # scores and weighted values
+        feed_forward = 2 * 2 * joint * dim * ffn_dim
+        modulation = 2 * 2 * config.time_embed_dim * 6 * dim  # norm1, norm2
+        return float(projections + attention + feed_forward + modulation)
