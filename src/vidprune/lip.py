@@ -128,7 +128,7 @@ class LipPruner(TokenPruner):
         current.active = keep < 1.0
         tape = self.state.tape
         if tape is not None:
-            step, tape_keep = tape.step_and_keep(current.sigma)
+            step, tape_keep = tape.step_and_keep(current.sigma, self.adapter)
             pruning = tape_keep < 1.0
             current.active |= pruning or tape.remembers(current.branch)
             batch = current.inputs["hidden_states"].shape[0]

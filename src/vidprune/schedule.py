@@ -52,12 +52,13 @@ def dense_steps(share: float, count: int) -> int:
     return min(count, math.floor(share * count + 0.5))
 
 
-def plan_keeps(config: TapeConfig, sigmas: Sequence[float]) -> list[float]:
+def plan_keeps(config: TapeConfig, sigmas: Sequence[float], model_starts: Sequence[int] = ()) -> list[float]:
     """Keep ratio of every step of a call whose step noise levels are `sigmas` (in order).
 
     The first `dense_first` and last `dense_last` share of the steps run unpruned (the first
-    step always, when pruned tokens need a memory of it: a cache or the refreshing score); the
-    others share the rest of the budget so that the mean over all steps is config.keep."""
+    step always, and each step in `model_starts` where another transformer takes over, when
+    pruned tokens need a memory of the model's earlier step: a cache or the refreshing score);
+    the others share the rest of the budget so that the mean over all steps is config.keep."""
     count = len(sigmas)
     if config.keep >= 1.0 or count == 0:
         return [1.0] * count
@@ -65,6 +66,8 @@ def plan_keeps(config: TapeConfig, sigmas: Sequence[float]) -> list[float]:
     if config.cache != "none" or config.refreshes:
         first = max(first, 1)
     full = set(range(first)) | set(range(count - last, count))
+    if config.cache != "none" or config.refreshes:
+        full |= {step for step in model_starts if 0 <= step < count}
     pruned = [i for i in range(count) if i not in full]
     if not pruned:
         return [1.0] * count

@@ -33,17 +33,19 @@ class TapeState(CallState):
         # (transformer, span start, guidance branch) -> what the span remembers of its tokens
         self.memory: dict[tuple[int, int, int], SpanMemory] = {}
 
-    def step_and_keep(self, sigma: float) -> tuple[int | None, float]:
-        """Step index within the call (None when the call's steps are unknown) and keep ratio."""
+    def step_and_keep(self, sigma: float, adapter: Any) -> tuple[int | None, float]:
+        """Step index within the call (None when the call's steps are unknown) and keep ratio;
+        `adapter` says where the pipeline switches transformers (their memories start empty)."""
         if self.scheduler is None:
             return None, keep_at(self.config, sigma)
         if self.plan is None:
             # The first forward of the call: its steps are the scheduler's from this one on
             # (video-to-video starts part way down the schedule).
-            all_sigmas = [t / self.num_train_timesteps for t in self.scheduler.timesteps.tolist()]
+            timesteps = self.scheduler.timesteps.tolist()
+            all_sigmas = [t / self.num_train_timesteps for t in timesteps]
             first = min(range(len(all_sigmas)), key=lambda i: abs(all_sigmas[i] - sigma))
             self.step_sigmas = all_sigmas[first:]
-            self.plan = plan_keeps(self.config, self.step_sigmas)
+            self.plan = plan_keeps(self.config, self.step_sigmas, adapter.model_starts(self.pipeline, timesteps[first:]))
         step = min(range(len(self.step_sigmas)), key=lambda i: abs(self.step_sigmas[i] - sigma))
         return step, self.plan[step]
 
@@ -160,7 +162,7 @@ class TapePruner(TokenPruner):
 
     def plan_forward(self, current: ForwardState) -> None:
         state, grid = self.state, current.grid
-        step, keep = state.step_and_keep(current.sigma)
+        step, keep = state.step_and_keep(current.sigma, self.adapter)
         batch = current.inputs["hidden_states"].shape[0]
         pruning = keep < 1.0 and kept_per_frame(grid, keep) < grid.per_frame
         # Unpruned steps still run through the spans, keeping every token, so that the spans

@@ -60,6 +60,11 @@ class Adapter:
         _, _, frames, height, width = inputs["hidden_states"].shape
         return TokenGrid(frames // p_t, height // p_h, width // p_w)
 
+    def model_starts(self, pipeline: Any, timesteps: list[float]) -> list[int]:
+        """Indices of the steps (of a call running `timesteps`) at which the pipeline hands
+        denoising to another of its transformers; none by default."""
+        return []
+
     def noisy_latents(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """The noisy latents (batch, channels, frames, height, width) among a forward's inputs,
         without any conditioning channels the model takes beside them."""

@@ -101,6 +101,15 @@ class WanAdapter(Adapter):
     def self_attention(self, block: torch.nn.Module) -> torch.nn.Module:
         return block.attn1
 
+    def model_starts(self, pipeline: Any, timesteps: list[float]) -> list[int]:
+        # Wan2.2 A14B: `transformer` denoises t >= boundary_ratio * num_train_timesteps,
+        # `transformer_2` the rest (WanPipeline.__call__).
+        ratio = getattr(getattr(pipeline, "config", None), "boundary_ratio", None)
+        if ratio is None or getattr(pipeline, "transformer_2", None) is None:
+            return []
+        boundary = ratio * pipeline.scheduler.config.num_train_timesteps
+        return [i for i in range(1, len(timesteps)) if timesteps[i - 1] >= boundary > timesteps[i]]
+
     def noisy_latents(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         # Wan I2V concatenates the image condition after the noisy latents along channels.
         return inputs["hidden_states"][:, : transformer.config.out_channels]
