@@ -6,10 +6,11 @@ import torch
 
 from .base import Adapter
 from .cogvideox import CogVideoXAdapter
+from .hunyuan import HunyuanVideoAdapter
 from .ltx import LTXAdapter
 from .wan import WanAdapter
 
-ADAPTERS: tuple[Adapter, ...] = (WanAdapter(), LTXAdapter(), CogVideoXAdapter())
+ADAPTERS: tuple[Adapter, ...] = (WanAdapter(), LTXAdapter(), CogVideoXAdapter(), HunyuanVideoAdapter())
 
 
 class UnsupportedModelError(TypeError):

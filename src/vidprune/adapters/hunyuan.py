@@ -1,0 +1,124 @@
+"""diffusers HunyuanVideoTransformer3DModel: TAPE on HunyuanVideoPipeline (text-to-video).
+
+The transformer takes latents (B, C, F, H, W) and patches them into frame-major tokens. It runs
+its dual-stream blocks (transformer_blocks) then its single-stream blocks
+(single_transformer_blocks), nothing in between; `blocks` is both lists in that order. Both
+kinds are called positionally as block(hidden_states, encoder_hidden_states, temb,
+attention_mask, rope, token_replace_emb, first_frame_num_tokens) and return
+(hidden_states, encoder_hidden_states), where
+- hidden_states (B, N, D): video tokens; encoder_hidden_states (B, T, D): the refined text
+  tokens, which attend jointly with the video tokens and are updated by every block;
+- temb: (B, D), one per sample: every block's modulation is per sample;
+- attention_mask: (B, 1, 1, N + T) bool over [video; text], False on the text padding;
+- rope: (cos, sin), each (N, head_dim) with no batch axis. The dual-stream block names it
+  `freqs_cis`, the single-stream block `image_rotary_emb`.
+
+Only the video stream is pruned: text tokens stay queries and keys of every block.
+HunyuanVideoPipeline embeds guidance_scale (the `guidance` input) and runs true CFG
+(true_cfg_scale > 1 with negative prompt embeddings) as a second transformer call per step.
+LIP and TAPE's cache="block" are not implemented: the attention (and, in the single-stream
+blocks, the MLP) runs on the text and video tokens joined. The image-to-video "token_replace"
+variant is refused: its blocks modulate the first frame's tokens apart, found by count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import HunyuanVideoTransformer3DModel
+from diffusers.models.embeddings import apply_rotary_emb
+
+from ..tokens import gather_tokens
+from .base import Adapter
+
+# The names the two block kinds give the RoPE argument.
+_ROPE_ARGUMENTS = ("freqs_cis", "image_rotary_emb")
+
+
+class HunyuanVideoAdapter(Adapter):
+    model_classes = (HunyuanVideoTransformer3DModel,)
+    supports_lip = False
+    supports_block_cache = False
+    guidance_batched = False
+
+    def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
+        # Refused here because the pruner reads the blocks when it is built, before apply changes anything.
+        if transformer.config.image_condition_type == "token_replace":
+            raise ValueError(
+                "HunyuanVideo's image_condition_type='token_replace' is not supported: its blocks treat the "
+                "first frame's tokens apart by count, which pruning changes"
+            )
+        return torch.nn.ModuleList([*transformer.transformer_blocks, *transformer.single_transformer_blocks])
+
+    def patch_size(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
+        config = transformer.config
+        return config.patch_size_t, config.patch_size, config.patch_size
+
+    def hidden_size(self, transformer: torch.nn.Module) -> int:
+        return transformer.config.num_attention_heads * transformer.config.attention_head_dim
+
+    def split_block_output(self, output: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        hidden_states, encoder_hidden_states = output
+        return hidden_states, encoder_hidden_states
+
+    def join_block_output(self, hidden_states: torch.Tensor, rest: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return hidden_states, rest
+
+    def gather_block_inputs(self, inputs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+        # The blocks broadcast one RoPE table over the batch, so every sample must keep the same tokens.
+        if index.shape[0] > 1 and not torch.equal(index, index[:1].expand_as(index)):
+            raise ValueError(
+                "HunyuanVideo's RoPE tables have no batch axis, so the samples of a batch must compute the same "
+                "tokens: vidprune supports one video per call here"
+            )
+        kept = index[0]
+        tokens = inputs["hidden_states"].shape[1]
+        rope = tuple(table[kept] for table in _rope(inputs))
+        mask = inputs["attention_mask"]
+        gathered = {
+            "hidden_states": gather_tokens(inputs["hidden_states"], index),
+            # video part gathered with the kept tokens, text part (its padding) kept
+            "attention_mask": torch.cat([mask[..., kept], mask[..., tokens:]], dim=-1),
+        }
+        # Under both names: the runtime hands a span's gathered inputs to each of its blocks by
+        # name, and a span may run from the dual-stream into the single-stream blocks. Each
+        # block takes the one it names and its **kwargs swallows the other.
+        return gathered | dict.fromkeys(_ROPE_ARGUMENTS, rope)
+
+    def query_key(
+        self, block: torch.nn.Module, inputs: dict[str, Any], query_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # As both block kinds and HunyuanVideoAttnProcessor2_0 compute them for the video tokens:
+        # the block's first modulated norm (per token, so the video tokens alone give theirs),
+        # to_q/to_k, per-head RMSNorm, then RoPE. The text keys are left out: importance ranks
+        # video tokens by the attention they get from video queries.
+        hidden_states, temb = inputs["hidden_states"], inputs["temb"]
+        norm = block.norm1 if hasattr(block, "norm1") else block.norm
+        x = norm(hidden_states, emb=temb)[0]
+        attn = block.attn
+        query = attn.norm_q(attn.to_q(x[:, query_index]).unflatten(2, (attn.heads, -1)))
+        key = attn.norm_k(attn.to_k(x).unflatten(2, (attn.heads, -1)))
+        cos, sin = _rope(inputs)
+        query = apply_rotary_emb(query, (cos[query_index], sin[query_index]), sequence_dim=1)
+        key = apply_rotary_emb(key, (cos, sin), sequence_dim=1)
+        return query.transpose(1, 2), key.transpose(1, 2)
+
+    def block_flops(self, transformer: torch.nn.Module, tokens: int, context_tokens: int, keys: int | None = None) -> float:
+        """FLOPs of one block, either kind: per token (video or text) a dual-stream block's q, k, v,
+        out and feed-forward (dim -> mlp -> dim) and a single-stream block's q, k, v, proj_mlp
+        (dim -> mlp) and proj_out (dim + mlp -> dim) both make 4 dim^2 + 2 dim mlp multiply-adds;
+        the attention is joint over video and text. Multiply-adds count 2; the per-sample
+        modulation projections of temb, norms and activations are left out."""
+        dim = self.hidden_size(transformer)
+        mlp = int(dim * transformer.config.mlp_ratio)
+        joint = tokens + context_tokens
+        joint_keys = (tokens if keys is None else keys) + context_tokens
+        projections = 2 * joint * (4 * dim * dim + 2 * dim * mlp)
+        attention = 2 * 2 * joint * joint_keys * dim  # scores and weighted values
+        return float(projections + attention)
+
+
+def _rope(inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (cos, sin) tables among a block's inputs, under whichever name the block gives them."""
+    return next(inputs[name] for name in _ROPE_ARGUMENTS if inputs.get(name) is not None)
