@@ -15,7 +15,6 @@ import vidprune
 from vidprune.adapters import adapter_for
 from vidprune.runtime import bind_arguments, pruner_of
 
-from conftest import SMALL_SPANS
 
 FRAMES, HEIGHT, WIDTH = 3, 8, 8  # token grid of the calls below: 192 tokens
 TOKENS = FRAMES * HEIGHT * WIDTH
