@@ -88,3 +88,29 @@ def transformer_inputs(batch: int = 1, frames: int = 3, height: int = 8, width: 
         encoder_hidden_states=torch.randn(batch, 7, 16, generator=generator).to(dtype),
         return_dict=False,
     )
+
+
+def replay_matches_block(model: torch.nn.Module, block: torch.nn.Module, inputs: dict) -> tuple[bool, dict]:
+    """Run `model` on `inputs`, capturing `block`'s arguments, output and branch outputs (the
+    adapter's branch_modules); whether the adapter's replay_block of those branch outputs gives
+    the block's output exactly, and the captured arguments."""
+    from vidprune.adapters import adapter_for
+    from vidprune.runtime import bind_arguments
+
+    adapter = adapter_for(model)
+    captured, outputs = {}, []
+    handles = [
+        block.register_forward_pre_hook(
+            lambda m, a, kw: captured.update(bind_arguments(type(m).forward, a, kw)), with_kwargs=True),
+        block.register_forward_hook(lambda m, a, out: captured.update(output=out)),
+        *(module.register_forward_hook(lambda m, a, out: outputs.append(out))
+          for module in adapter.branch_modules(block)),
+    ]
+    try:
+        model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(outputs) == len(adapter.branch_modules(block))
+    replayed = adapter.replay_block(block, captured, captured["hidden_states"], outputs)
+    return torch.equal(replayed, captured["output"]), captured

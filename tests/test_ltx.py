@@ -15,7 +15,7 @@ from vidprune.adapters import adapter_for
 from vidprune.importance import sample_queries
 from vidprune.runtime import bind_arguments, pruner_of
 
-from conftest import SMALL_SPANS
+from conftest import SMALL_SPANS, replay_matches_block
 
 FRAMES, HEIGHT, WIDTH = 3, 8, 8  # token grid of the calls below: 192 tokens, 64 per frame
 TEXT = 7
@@ -185,16 +185,7 @@ def test_adapter_query_key_equal_the_models_own(monkeypatch):
 
 def test_block_replay_is_the_block_on_its_own_branch_outputs():
     model = tiny_ltx(layers=1)
-    block, adapter = model.transformer_blocks[0], adapter_for(model)
-    captured, outputs = {}, []
-    block.register_forward_pre_hook(
-        lambda m, a, kw: captured.update(bind_arguments(type(m).forward, a, kw)), with_kwargs=True)
-    block.register_forward_hook(lambda m, a, out: captured.update(output=out))
-    for module in adapter.branch_modules(block):
-        module.register_forward_hook(lambda m, a, out: outputs.append(out))
-    model(**ltx_inputs())
-    assert len(outputs) == 3
-    assert torch.equal(adapter.replay_block(block, captured, captured["hidden_states"], outputs), captured["output"])
+    assert replay_matches_block(model, model.transformer_blocks[0], ltx_inputs())[0]
 
 
 def test_block_cache_runs_through_the_pipeline(pipe):

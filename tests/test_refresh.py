@@ -7,12 +7,11 @@ import pytest
 import torch
 
 import vidprune
-from vidprune.adapters import adapter_for
 from vidprune.refresh import SpanMemory, due_now, memory_estimate, refresh_scores, remember_span
 from vidprune.tokens import TokenGrid
 from vidprune.runtime import bind_arguments, pruner_of
 
-from conftest import SMALL_SPANS, run, tiny_transformer, transformer_inputs
+from conftest import SMALL_SPANS, replay_matches_block, run, tiny_transformer, transformer_inputs
 
 ONE_SPAN = dict(first_pruned_layer=1, reselect_every=0)  # one span over layers 1..5 of the tiny pipeline
 GRID_SIZE = 48  # 9 frames at 64x64: 3 latent frames of 4 x 4 tokens
@@ -194,17 +193,7 @@ def test_block_replay_is_the_block_on_its_own_branch_outputs():
     """The Wan adapter's replay_block gives what the block computes when its branches return
     what they returned: the formula the block cache relies on."""
     model = tiny_transformer(layers=1)
-    block, adapter = model.blocks[0], adapter_for(model)
-    captured, outputs = {}, []
-    block.register_forward_pre_hook(
-        lambda m, a, kw: captured.update(bind_arguments(type(m).forward, a, kw)), with_kwargs=True)
-    block.register_forward_hook(lambda m, a, out: captured.update(output=out))
-    for module in adapter.branch_modules(block):
-        module.register_forward_hook(lambda m, a, out: outputs.append(out))
-    model(**transformer_inputs(frames=2, height=4, width=4))
-    replayed = adapter.replay_block(block, captured, captured["hidden_states"], outputs)
-    assert len(outputs) == 3
-    assert torch.equal(replayed, captured["output"])
+    assert replay_matches_block(model, model.blocks[0], transformer_inputs(frames=2, height=4, width=4))[0]
 
 
 def test_presets_construct_what_they_say():

@@ -11,13 +11,12 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideo
 from PIL import Image
 
 import vidprune
-from vidprune.adapters import adapter_for
-from vidprune.runtime import bind_arguments, pruner_of
+from vidprune.runtime import pruner_of
 from vidprune.schedule import plan_keeps
 from vidprune.selection import kept_per_frame
 from vidprune.tokens import TokenGrid
 
-from conftest import SMALL_SPANS, block_tokens, tiny_transformer, transformer_inputs
+from conftest import SMALL_SPANS, block_tokens, replay_matches_block, tiny_transformer, transformer_inputs
 
 GRID = TokenGrid(3, 4, 4)  # 9 frames at 64x64 -> 3 latent frames of 8x8 -> 3 x 4 x 4 tokens
 TEXT_DIM = 16
@@ -194,15 +193,8 @@ def test_block_replay_with_per_token_modulation():
     """With per-token temb (batch, tokens, 6, dim), replay_block gives what the block computes
     when its branches return what they returned: each token gated by its own timestep."""
     model = tiny_transformer(layers=1)
-    block, adapter = model.blocks[0], adapter_for(model)
-    captured, outputs = {}, []
-    block.register_forward_pre_hook(
-        lambda m, a, kw: captured.update(bind_arguments(type(m).forward, a, kw)), with_kwargs=True)
-    block.register_forward_hook(lambda m, a, out: captured.update(output=out))
-    for module in adapter.branch_modules(block):
-        module.register_forward_hook(lambda m, a, out: outputs.append(out))
     inputs = transformer_inputs(frames=2, height=4, width=4)
-    model(**{**inputs, "timestep": torch.linspace(0.0, 900.0, 8).unsqueeze(0)})  # 2 x 2 x 2 tokens
-    assert captured["temb"].shape[:3] == (1, 8, 6)
-    replayed = adapter.replay_block(block, captured, captured["hidden_states"], outputs)
-    assert torch.equal(replayed, captured["output"])
+    exact, captured = replay_matches_block(model, model.blocks[0],
+                                           {**inputs, "timestep": torch.linspace(0.0, 900.0, 8).unsqueeze(0)})
+    assert captured["temb"].shape[:3] == (1, 8, 6)  # 2 x 2 x 2 tokens, each its own modulation
+    assert exact

@@ -43,14 +43,18 @@ class Adapter:
         """Whether this pipeline call's forwards carry both CFG branches as halves of the batch."""
         return self.guidance_batched and bool(getattr(pipeline, "do_classifier_free_guidance", False))
 
+    #: whether a block returns (video hidden states, text hidden states), as joint-attention
+    #: blocks do, instead of the video hidden states alone
+    returns_text_stream: bool = False
+
     def split_block_output(self, output: Any) -> tuple[torch.Tensor, Any]:
         """A block's output as (video hidden states, the rest): the rest passes a pruned span's
-        last block as the block produced it. By default a block returns only the hidden states."""
-        return output, None
+        last block as the block produced it."""
+        return (output[0], output[1]) if self.returns_text_stream else (output, None)
 
     def join_block_output(self, hidden_states: torch.Tensor, rest: Any) -> Any:
         """Inverse of split_block_output."""
-        return hidden_states
+        return (hidden_states, rest) if self.returns_text_stream else hidden_states
 
     def token_grid(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> TokenGrid:
         """Token grid of a forward, from its arguments by name. By default from the latents
@@ -89,8 +93,9 @@ class Adapter:
         raise NotImplementedError
 
     def hidden_size(self, transformer: torch.nn.Module) -> int:
-        """Width of the video tokens' hidden states inside the blocks."""
-        raise NotImplementedError
+        """Width of the video tokens' hidden states inside the blocks (heads x head width in
+        the diffusers configs of every family so far)."""
+        return transformer.config.num_attention_heads * transformer.config.attention_head_dim
 
     def branch_modules(self, block: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
         """The modules whose outputs the block adds to its hidden states (its residual

@@ -38,6 +38,7 @@ class CogVideoXAdapter(Adapter):
     model_classes = (CogVideoXTransformer3DModel,)
     supports_lip = False
     supports_block_cache = False
+    returns_text_stream = True
     guidance_batched = True
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
@@ -57,16 +58,6 @@ class CogVideoXAdapter(Adapter):
         # guidance_scale > 1. use_dynamic_cfg rewrites the scale after each step to a value
         # >= 1: a step where it is exactly 1 would select per half (and be refused with RoPE).
         return getattr(pipeline, "guidance_scale", 1.0) > 1.0
-
-    def hidden_size(self, transformer: torch.nn.Module) -> int:
-        return transformer.config.num_attention_heads * transformer.config.attention_head_dim
-
-    def split_block_output(self, output: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        hidden_states, encoder_hidden_states = output
-        return hidden_states, encoder_hidden_states
-
-    def join_block_output(self, hidden_states: torch.Tensor, rest: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return hidden_states, rest
 
     def gather_block_inputs(self, inputs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
         gathered = {"hidden_states": gather_tokens(inputs["hidden_states"], index)}

@@ -40,6 +40,7 @@ class HunyuanVideoAdapter(Adapter):
     model_classes = (HunyuanVideoTransformer3DModel,)
     supports_lip = False
     supports_block_cache = False
+    returns_text_stream = True
     guidance_batched = False
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
@@ -54,16 +55,6 @@ class HunyuanVideoAdapter(Adapter):
     def patch_size(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
         config = transformer.config
         return config.patch_size_t, config.patch_size, config.patch_size
-
-    def hidden_size(self, transformer: torch.nn.Module) -> int:
-        return transformer.config.num_attention_heads * transformer.config.attention_head_dim
-
-    def split_block_output(self, output: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        hidden_states, encoder_hidden_states = output
-        return hidden_states, encoder_hidden_states
-
-    def join_block_output(self, hidden_states: torch.Tensor, rest: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return hidden_states, rest
 
     def gather_block_inputs(self, inputs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
         # The blocks broadcast one RoPE table over the batch, so every sample must keep the same tokens.

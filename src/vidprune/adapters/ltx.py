@@ -55,9 +55,6 @@ class LTXAdapter(Adapter):
                              f"{tokens} tokens in hidden_states")
         return grid
 
-    def hidden_size(self, transformer: torch.nn.Module) -> int:
-        return transformer.config.num_attention_heads * transformer.config.attention_head_dim
-
     def self_attention(self, block: torch.nn.Module) -> torch.nn.Module:
         return block.attn1
 

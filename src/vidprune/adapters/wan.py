@@ -120,9 +120,6 @@ class WanAdapter(Adapter):
         condition = hidden_states[:, transformer.config.out_channels :]
         return {**inputs, "hidden_states": torch.cat([latents.to(hidden_states), condition], dim=1)}
 
-    def hidden_size(self, transformer: torch.nn.Module) -> int:
-        return transformer.config.num_attention_heads * transformer.config.attention_head_dim
-
     def branch_modules(self, block: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
         return block.attn1, block.attn2, block.ffn
 
