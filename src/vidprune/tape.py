@@ -132,8 +132,10 @@ class Selector:
         if self.batched_guidance(state):
             # Both CFG branches in one batch: the unconditional half computes the tokens the
             # conditional half selects, as a step's second call reuses the first's when the
-            # branches are separate calls (CFG branches must compute the same tokens).
-            return select(scores.chunk(2)[1], grid, keep).repeat(2, 1)
+            # branches are separate calls (CFG branches must compute the same tokens). One
+            # prompt's selection stays (1, kept), shared by broadcasting: no per-sample check.
+            conditional = select(scores.chunk(2)[1], grid, keep)
+            return conditional if conditional.shape[0] == 1 else conditional.repeat(2, 1)
         return select(scores, grid, keep)
 
     def batched_guidance(self, state: TapeState) -> bool:
