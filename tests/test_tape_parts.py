@@ -140,6 +140,13 @@ def test_tape_is_steadier_than_naive_inside_the_model():
     assert ious["tape"] > ious["naive"] + 0.05, ious
 
 
+def test_a_tiny_smoothing_sigma_keeps_each_frame_to_itself():
+    """Found by the config fuzz: sigma 3e-215 overflowed the Gaussian's square."""
+    from vidprune.selection import gaussian_weights
+
+    assert gaussian_weights(3e-215, 2) == [0.0, 0.0, 1.0, 0.0, 0.0]
+
+
 # -- schedules ------------------------------------------------------------------------------
 SIGMAS = [1 - i / 19 for i in range(20)]
 SHIFTED = [3 * s / (1 + 2 * s) for s in SIGMAS]  # Wan's shifted flow schedule: mostly high noise

@@ -13,7 +13,8 @@ from .tokens import TokenGrid
 def gaussian_weights(sigma: float, radius: int) -> list[float]:
     """Normalised Gaussian taps at offsets -radius..radius (plain floats: no tensor has to be
     copied to the GPU inside the denoising loop)."""
-    weights = [math.exp(-0.5 * (offset / sigma) ** 2) for offset in range(-radius, radius + 1)]
+    # z * z, not z ** 2: a tiny sigma makes z huge, and float ** raises where * gives inf (weight 0).
+    weights = [math.exp(-0.5 * z * z) for z in (offset / sigma for offset in range(-radius, radius + 1))]
     total = sum(weights)
     return [w / total for w in weights]
 
