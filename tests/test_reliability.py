@@ -143,7 +143,9 @@ def test_lip_refuses_latents_the_patch_does_not_divide():
 MODEL = tiny_transformer()
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized: the same examples on every run, so CI cannot fail on a new draw (a draw that found a
+# bug here, a tiny temporal_sigma, became its own test in test_tape_parts.py).
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     keep=st.floats(0.05, 1.0), temporal_sigma=st.floats(0, 3), radius=st.integers(0, 3),
     first=st.integers(0, 3), every=st.integers(0, 3), schedule=st.sampled_from(["constant", "linear", "cosine", "step"]),
