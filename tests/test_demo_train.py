@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from vidprune.demo import train
+from vidprune.demo.training import common, dit as dit_mode, vae as vae_mode
 from vidprune.demo.pipeline import DEFAULT_CALL, load_demo_pipeline
 from vidprune.metrics import psnr
 
@@ -101,7 +102,7 @@ def test_exported_pipeline_loads_offline_and_generates(folders):
 
     # The caption states the DiT was trained on are exactly what the pipeline gives it.
     captions = ["a green square moves up over a teal striped background, the camera pans left", ""]
-    ours = train.encode_captions(pipe.tokenizer, pipe.text_encoder, captions, torch.device("cpu"))
+    ours = common.encode_captions(pipe.tokenizer, pipe.text_encoder, captions, torch.device("cpu"))
     theirs, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False,
                                    max_sequence_length=DEFAULT_CALL["max_sequence_length"], device="cpu")
     assert torch.equal(ours, theirs)
@@ -152,7 +153,7 @@ def test_quality_benchmark_runs(folders, tmp_path):
 def test_static_latent_mask_marks_cells_still_over_both_latent_frames():
     video = torch.zeros(1, 3, 9, 16, 16)  # 9 frames -> latent frames {0}, {1..4}, {5..8}
     video[:, :, 6:, 0:4, 8:12] = 1.0  # a block appears at frame 6, inside latent frame 2's frames
-    static = train.static_latent_mask(video)
+    static = vae_mode.static_latent_mask(video)
     assert static.shape == (1, 2, 4, 4)
     assert static[0, 0].all()  # latent frames 0 and 1 see no change anywhere
     assert not static[0, 1, 0, 2] and static[0, 1].sum() == 15  # only the block's cell changes
@@ -161,18 +162,18 @@ def test_static_latent_mask_marks_cells_still_over_both_latent_frames():
 def test_static_latent_change_is_zero_for_repeated_latents_and_grows_with_change():
     mean = torch.randn(2, 16, 1, 4, 4).repeat(1, 1, 3, 1, 1)
     static = torch.ones(2, 2, 4, 4, dtype=torch.bool)
-    assert train.static_latent_change(mean, static) == 0
+    assert vae_mode.static_latent_change(mean, static) == 0
     changed = mean.clone()
     changed[:, :, 2] += 1.0
-    assert train.static_latent_change(changed, static) > 0
+    assert vae_mode.static_latent_change(changed, static) > 0
     static[:, 1] = False  # the changed pair is not static: it is ignored
-    assert train.static_latent_change(changed, static) == 0
+    assert vae_mode.static_latent_change(changed, static) == 0
 
 
 def test_static_latent_mask_spans_the_frames_of_both_latent_frames():
     video = torch.zeros(1, 3, 9, 16, 16)
     video[:, :, 2:3, 4:8, 4:8] = 1.0  # a flash at frame 2 only: inside latent frame 1 (frames 1..4)
-    static = train.static_latent_mask(video)
+    static = vae_mode.static_latent_mask(video)
     # Pair (0, 1) covers frames 0..4 and pair (1, 2) frames 1..8: both see the flash.
     assert not static[0, 0, 1, 1] and not static[0, 1, 1, 1]
     assert static[0, :, 0, 0].all()
@@ -180,24 +181,24 @@ def test_static_latent_mask_spans_the_frames_of_both_latent_frames():
 
 def test_random_crops_are_windows_of_each_video():
     video = torch.arange(2 * 9 * 32 * 32 * 3).reshape(2, 9, 32, 32, 3)
-    crops = train.random_crops(video, 5, 16, torch.Generator().manual_seed(0))
+    crops = common.random_crops(video, 5, 16, torch.Generator().manual_seed(0))
     assert crops.shape == (2, 5, 16, 16, 3)
     for clip, crop in zip(video, crops):
         first = (crop[0, 0, 0, 0] - clip[0, 0, 0, 0]).item()  # values encode (frame, row, column, channel)
         t, rest = divmod(first, 32 * 32 * 3)
         y, x = divmod(rest // 3, 32)
         assert torch.equal(crop, clip[t:t + 5, y:y + 16, x:x + 16])
-    again = train.random_crops(video, 5, 16, torch.Generator().manual_seed(0))
+    again = common.random_crops(video, 5, 16, torch.Generator().manual_seed(0))
     assert torch.equal(crops, again)
     with pytest.raises(ValueError, match="does not fit"):
-        train.random_crops(video, 13, 16, torch.Generator())
+        common.random_crops(video, 13, 16, torch.Generator())
 
 
 def test_moving_pixels_are_those_off_the_temporal_median():
     video = torch.full((1, 3, 5, 8, 8), -0.5)
     video[:, 0, 2, 3, 4] = 0.5  # one pixel of one frame lights up in the red channel
     video[:, 1, 1, 0, 0] = -0.4  # a change below the threshold
-    moving = train.moving_pixels(video)
+    moving = vae_mode.moving_pixels(video)
     assert moving.shape == (1, 1, 5, 8, 8)
     assert moving.sum() == 1 and moving[0, 0, 2, 3, 4]
 
@@ -205,11 +206,11 @@ def test_moving_pixels_are_those_off_the_temporal_median():
 def test_latent_cells_group_frames_as_the_causal_vae():
     pixels = torch.zeros(1, 1, 9, 8, 8, dtype=torch.bool)  # latent frames {0}, {1..4}, {5..8}
     pixels[0, 0, 5, 6, 1] = True
-    cells = train.latent_cells(pixels)
+    cells = vae_mode.latent_cells(pixels)
     assert cells.shape == (1, 1, 3, 2, 2)
     assert cells.sum() == 1 and cells[0, 0, 2, 1, 0]
     pixels[0, 0, 0, 0, 0] = True  # frame 0 belongs to latent frame 0 alone
-    assert train.latent_cells(pixels)[0, 0, :, 0, 0].tolist() == [True, False, False]
+    assert vae_mode.latent_cells(pixels)[0, 0, :, 0, 0].tolist() == [True, False, False]
 
 
 def test_vae_loss_weights_errors_on_moving_shapes():
@@ -222,8 +223,8 @@ def test_vae_loss_weights_errors_on_moving_shapes():
     off_shape, on_shape = x.clone(), x.clone()
     off_shape[:, :, 1, 0, 0] += 0.1  # a middle frame, as the shape pixel: in two frame differences too
     on_shape[:, :, 2, 3, 4] += 0.1
-    unweighted = [train.vae_loss(r, x, Posterior, 0.0, 0.0, 0.0) for r in (off_shape, on_shape)]
-    weighted = [train.vae_loss(r, x, Posterior, 0.0, 0.0, 10.0) for r in (off_shape, on_shape)]
+    unweighted = [vae_mode.vae_loss(r, x, Posterior, 0.0, 0.0, 0.0) for r in (off_shape, on_shape)]
+    weighted = [vae_mode.vae_loss(r, x, Posterior, 0.0, 0.0, 10.0) for r in (off_shape, on_shape)]
     assert unweighted[0] == pytest.approx(unweighted[1])
     assert weighted[1] > 5 * weighted[0]
 
@@ -248,9 +249,9 @@ def test_training_sigmas_shift_as_the_sampler_does():
     from diffusers import UniPCMultistepScheduler
 
     torch.manual_seed(0)
-    plain = train.training_sigmas(20000, 1.0, torch.device("cpu"))
+    plain = dit_mode.training_sigmas(20000, 1.0, torch.device("cpu"))
     torch.manual_seed(0)
-    shifted = train.training_sigmas(20000, 3.0, torch.device("cpu"))
+    shifted = dit_mode.training_sigmas(20000, 3.0, torch.device("cpu"))
     assert (plain > 0).all() and (plain < 1).all()
     assert (shifted > 0.9).float().mean() > 5 * (plain > 0.9).float().mean()
     # The same map the flow-matching scheduler applies to its sigmas with flow_shift=3.
@@ -267,9 +268,20 @@ def test_dit_loss_weights_the_cells_of_moving_shapes():
     x0, noise = torch.zeros(1, 16, 2, 4, 4), torch.zeros(1, 16, 2, 4, 4)
     video = torch.full((1, 3, 5, 16, 16), -0.5)
     video[:, :, 3, 0:4, 0:4] = 0.5  # a shape in frame 3: latent frame 1, cell (0, 0)
-    weights = 1 + 10 * train.latent_cells(train.moving_pixels(video)).float()
+    weights = 1 + 10 * vae_mode.latent_cells(vae_mode.moving_pixels(video)).float()
     on_shape, off_shape = torch.zeros_like(x0), torch.zeros_like(x0)
     on_shape[:, :, 1, 0, 0] = 1.0
     off_shape[:, :, 1, 3, 3] = 1.0
-    assert train.flow_loss(on_shape, noise, x0, weights) == pytest.approx(11 * train.flow_loss(off_shape, noise, x0, weights))
-    assert train.flow_loss(on_shape, noise, x0, torch.ones_like(weights)) == train.flow_loss(off_shape, noise, x0, torch.ones_like(weights))
+    assert dit_mode.flow_loss(on_shape, noise, x0, weights) == pytest.approx(11 * dit_mode.flow_loss(off_shape, noise, x0, weights))
+    assert dit_mode.flow_loss(on_shape, noise, x0, torch.ones_like(weights)) == dit_mode.flow_loss(off_shape, noise, x0, torch.ones_like(weights))
+
+
+def test_each_mode_shows_its_own_defaults(capsys):
+    for mode, lr in (("vae", 0.0002), ("dit", 0.0003)):
+        with pytest.raises(SystemExit):
+            train.main([mode, "--help"])
+        assert f"(default {lr})" in capsys.readouterr().out
+        assert train.build_parser().parse_args([mode, "--out", "x"] + ["--vae", "v"] * (mode == "dit")).lr == lr
+    with pytest.raises(SystemExit) as error:  # dit without its VAE is an argparse error, not a traceback
+        train.main(["dit", "--out", "x"])
+    assert error.value.code == 2 and "--vae" in capsys.readouterr().err
