@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench import UNPRUNED
+from .extras import require
 
 TASK_TITLES = {"generate": "Text-to-video", "edit": "Video editing (video-to-video)"}
 COLUMNS = ("method", "settings", "call s (median)", "speedup", "forward ms (median)", "forward ms (mean)", "mean keep",
@@ -73,10 +74,9 @@ def markdown(report: dict) -> str:
 
 def pyplot() -> Any:
     """matplotlib's pyplot without a display, or a clear error (checked before a long run)."""
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise SystemExit("vidprune bench: the plot needs matplotlib: pip install matplotlib") from error
+    require("bench", "vidprune bench's plot")
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

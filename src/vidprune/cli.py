@@ -18,6 +18,7 @@ from .bench import RANDOM_MODELS, Options, accepted_names, build_random_pipeline
 from .bench_report import markdown, pyplot, write_report
 from .config import LipConfig, TapeConfig
 from .demo.pipeline import DEFAULT_CALL, HEIGHT, MODEL_DIR, NUM_FRAMES, WIDTH, load_demo_pipeline
+from .extras import MissingExtraError
 from .interframe import LipDetection
 from .patch import apply, remove, stats
 from .schedule import plan_keeps
@@ -462,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--compare sets the pruned video against the unpruned one: it needs a --method other than none")
     try:
         args.run(args)
-    except (ValueError, TypeError, OSError) as error:  # user errors, and files that cannot be read or written
+    except (ValueError, TypeError, OSError, MissingExtraError) as error:  # user errors, files that cannot be
+        # read or written, and an extra the command needs that is not installed
         print("vidprune: " + " ".join(str(error).splitlines()), file=sys.stderr)
         raise SystemExit(2) from error
 

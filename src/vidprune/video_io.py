@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .extras import require
+
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
     """(frames, H, W, 3) floats in [0, 1] or uint8 -> uint8."""
@@ -40,6 +42,8 @@ def check_output_path(path: str | Path, overwrite: bool = False) -> Path:
     if path.is_dir():
         raise ValueError(f"output {str(path)!r} is not accepted: it is a folder; give a file name ending in .mp4 "
                          "or .gif")
+    if path.suffix.lower() == ".mp4":
+        require("io", f"writing {str(path)!r}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"output {str(path)!r} already exists: give --overwrite (overwrite=True) to replace it, "
                               "or another file name")
@@ -75,10 +79,9 @@ def _encode(frames: np.ndarray, path: Path, fps: int) -> None:
         images = [Image.fromarray(frame) for frame in frames]
         images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
         return
-    try:
-        import imageio.v2 as imageio
-    except ImportError as error:
-        raise ImportError("writing mp4 needs imageio and imageio-ffmpeg: pip install imageio imageio-ffmpeg") from error
+    require("io", f"writing {str(path)!r}")
+    import imageio.v2 as imageio
+
     # macro_block_size=1 keeps odd sizes as they are instead of resizing them.
     with imageio.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1) as writer:
         for frame in frames:
@@ -105,6 +108,7 @@ def read_video(path: str | Path, max_frames: int | None = None) -> np.ndarray:
         return np.stack(frames)
     if path.suffix.lower() not in VIDEO_SUFFIXES:
         raise ValueError(f"input {str(path)!r} is not accepted: give a {', '.join(VIDEO_SUFFIXES)} file or a folder of frames")
+    require("io", f"reading {str(path)!r}")
     import imageio.v3 as iio
 
     try:

