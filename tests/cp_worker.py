@@ -88,6 +88,36 @@ def run_all(model, cases: dict) -> dict:
     return results
 
 
+def pipeline_scenarios(world: int) -> dict:
+    """TAPE with its cache and refreshing score (state across the steps of a pipeline call),
+    single-process and under Ulysses, on a tiny WanPipeline: outputs and kept counts."""
+    from diffusers import ContextParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from conftest import pipeline_inputs
+    from vidprune.demo.random_pipeline import build_random_wan_pipeline
+
+    pipe = build_random_wan_pipeline("t2v")
+    pipe.set_progress_bar_config(disable=True)
+    config = vidprune.TapeConfig(keep=0.5, record_selections=True, **SMALL_SPANS)
+    results = {}
+    for where in ("single", "parallel"):
+        if where == "parallel":
+            cp = ContextParallelConfig(ulysses_degree=world)
+            cp.mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("ring", "ulysses"))
+            pipe.transformer.enable_parallelism(config=cp)
+        seen = kept_tokens(pipe.transformer)
+        vidprune.apply(pipe, config)
+        frames = pipe(**pipeline_inputs("t2v", num_frames=13)).frames  # 4 latent frames: none split
+        forwards = vidprune.stats(pipe).forwards
+        results[where] = dict(output=frames, block_tokens=list(seen),
+                              spans=[[(s.start, s.tokens, s.index) for s in f.spans] for f in forwards])
+        vidprune.remove(pipe)
+        for block in pipe.transformer.blocks:
+            block.ffn._forward_pre_hooks.clear()
+    return results
+
+
 def worker(rank: int, world: int, port: int, mode: str, frames: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -99,6 +129,9 @@ def worker(rank: int, world: int, port: int, mode: str, frames: int, out: str) -
         from diffusers import ContextParallelConfig
         from torch.distributed.device_mesh import init_device_mesh
 
+        if mode == "pipeline":
+            results.update(pipeline_scenarios(world))
+            raise StopIteration
         if mode == "ring":
             cpu_ring_backend()
         model = tiny_transformer()
@@ -142,6 +175,8 @@ def worker(rank: int, world: int, port: int, mode: str, frames: int, out: str) -
         except ValueError as error:
             results["refused"] = str(error)
         vidprune.remove(model)
+    except StopIteration:  # a mode that ran all it had to
+        pass
     except Exception:  # noqa: BLE001 - reported to the test process
         results["error"] = traceback.format_exc()
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))

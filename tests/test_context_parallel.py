@@ -133,3 +133,26 @@ def test_split_frame_differs_only_there(tmp_path):
             middle = b[0][(b[0] // per_frame) == 1] - per_frame
             assert abs(int((middle < 8).sum()) - int((middle >= 8).sum())) <= 1
     check_lip(results)
+
+
+def test_pipeline_cache_and_refresh_under_ulysses(tmp_path):
+    """TapeConfig's defaults (a token cache and the change and staleness terms, carried from
+    step to step and held per rank for its chunk) in a WanPipeline call of 4 latent frames
+    (none split over the 2 ranks): the same selection as single-process in every span of
+    every forward, balanced kept counts, and the single-process output."""
+    results = spawn("pipeline", 0, tmp_path)
+    for result in results:
+        single, parallel = result["single"], result["parallel"]
+        assert len(single["spans"]) == len(parallel["spans"])
+        pruned = 0
+        for forward_single, forward_parallel in zip(single["spans"], parallel["spans"]):
+            for (_, tokens_a, a), (_, tokens_b, b) in zip(forward_single, forward_parallel):
+                assert tokens_a == tokens_b
+                if a is not None:
+                    pruned += 1
+                    assert torch.equal(a, b)
+                    assert tokens_b % 2 == 0 and tokens_b // 2 in parallel["block_tokens"]
+        assert pruned > 0, "no span pruned"
+        assert max_difference(parallel["output"], single["output"]) < TOLERANCE
+    assert torch.equal(results[0]["parallel"]["output"], results[1]["parallel"]["output"])
+    assert results[0]["parallel"]["block_tokens"] == results[1]["parallel"]["block_tokens"]
