@@ -13,6 +13,9 @@ import torch.distributed as dist
 
 import vidprune
 from conftest import SMALL_SPANS, tiny_transformer, transformer_inputs
+from vidprune.interframe import reference_index
+from vidprune.parallel import balance_keep
+from vidprune.tokens import TokenGrid
 
 
 def cpu_ring_backend() -> None:
@@ -126,58 +129,59 @@ def worker(rank: int, world: int, port: int, mode: str, frames: int, out: str) -
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results: dict = {}
     try:
-        from diffusers import ContextParallelConfig
-        from torch.distributed.device_mesh import init_device_mesh
-
         if mode == "pipeline":
             results.update(pipeline_scenarios(world))
-            raise StopIteration
-        if mode == "ring":
-            cpu_ring_backend()
-        model = tiny_transformer()
-        if mode == "ring":
-            model.set_attention_backend("_native_flash")
-        cases = scenarios(mode, frames)
-        results["single"] = run_all(model, cases)
-        # The LIP references under parallelism prune with the balanced mask: run that
-        # mask single-process too.
-        from vidprune.parallel import balance_keep
-        from vidprune.interframe import reference_index
-        from vidprune.tokens import TokenGrid
-
-        grid = TokenGrid(frames, 4, 4)
-        keep = lip_mask(frames).flatten()
-        balanced = balance_keep(keep, reference_index(keep.view(1, frames, 4, 4))[0], grid, world)
-        results["balanced_mask"] = balanced
-        results["single"]["lip_balanced"] = run_all(model, {"lip": (vidprune.LipConfig(mask=balanced.view(frames, 4, 4)),
-                                                                    cases["lip"][1])})["lip"]
-        mesh_shape = (world, 1) if mode == "ring" else (1, world)
-        config = (ContextParallelConfig(ring_degree=world) if mode == "ring"
-                  else ContextParallelConfig(ulysses_degree=world))
-        config.mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("ring", "ulysses"))
-        model.enable_parallelism(config=config)
-        results["parallel"] = run_all(model, cases)
-        # Applied before enable_parallelism: the hooks are reordered the other way round.
-        fresh = tiny_transformer()
-        if mode == "ring":
-            fresh.set_attention_backend("_native_flash")
-        vidprune.apply(fresh, cases["lip"][0])
-        fresh.enable_parallelism(config=config)
-        with torch.no_grad():
-            results["applied_first_lip"] = fresh(**cases["lip"][1])[0]
-        vidprune.remove(fresh)
-        with torch.no_grad():
-            results["removed_unpruned"] = fresh(**cases["unpruned"][1])[0]
-        # A combination that cannot work is refused at the first forward.
-        vidprune.apply(model, vidprune.LipConfig(mask=lip_mask(frames), tape=vidprune.TapeConfig.paper(0.5)))
-        try:
-            model(**cases["unpruned"][1])
-        except ValueError as error:
-            results["refused"] = str(error)
-        vidprune.remove(model)
-    except StopIteration:  # a mode that ran all it had to
-        pass
+        else:
+            results.update(transformer_scenarios(mode, frames, world))
     except Exception:  # noqa: BLE001 - reported to the test process
         results["error"] = traceback.format_exc()
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def transformer_scenarios(mode: str, frames: int, world: int) -> dict:
+    """The bare-transformer scenarios, single-process then under `mode` attention."""
+    from diffusers import ContextParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    results: dict = {}
+    if mode == "ring":
+        cpu_ring_backend()
+    model = tiny_transformer()
+    if mode == "ring":
+        model.set_attention_backend("_native_flash")
+    cases = scenarios(mode, frames)
+    results["single"] = run_all(model, cases)
+    # The LIP references under parallelism prune with the balanced mask: run that
+    # mask single-process too.
+    grid = TokenGrid(frames, 4, 4)
+    keep = lip_mask(frames).flatten()
+    balanced = balance_keep(keep, reference_index(keep.view(1, frames, 4, 4))[0], grid, world)
+    results["balanced_mask"] = balanced
+    results["single"]["lip_balanced"] = run_all(model, {"lip": (vidprune.LipConfig(mask=balanced.view(frames, 4, 4)),
+                                                                cases["lip"][1])})["lip"]
+    mesh_shape = (world, 1) if mode == "ring" else (1, world)
+    config = (ContextParallelConfig(ring_degree=world) if mode == "ring"
+              else ContextParallelConfig(ulysses_degree=world))
+    config.mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("ring", "ulysses"))
+    model.enable_parallelism(config=config)
+    results["parallel"] = run_all(model, cases)
+    # Applied before enable_parallelism: the hooks are reordered the other way round.
+    fresh = tiny_transformer()
+    if mode == "ring":
+        fresh.set_attention_backend("_native_flash")
+    vidprune.apply(fresh, cases["lip"][0])
+    fresh.enable_parallelism(config=config)
+    with torch.no_grad():
+        results["applied_first_lip"] = fresh(**cases["lip"][1])[0]
+    vidprune.remove(fresh)
+    with torch.no_grad():
+        results["removed_unpruned"] = fresh(**cases["unpruned"][1])[0]
+    # A combination that cannot work is refused at the first forward.
+    vidprune.apply(model, vidprune.LipConfig(mask=lip_mask(frames), tape=vidprune.TapeConfig.paper(0.5)))
+    try:
+        model(**cases["unpruned"][1])
+    except ValueError as error:
+        results["refused"] = str(error)
+    vidprune.remove(model)
+    return results
