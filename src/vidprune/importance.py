@@ -7,23 +7,40 @@ import torch
 from .tokens import TokenGrid
 
 
-def attention_received(query: torch.Tensor, key: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
+def attention_received(query: torch.Tensor, key: torch.Tensor, chunk_size: int = 128,
+                       log_normalizer: torch.Tensor | None = None) -> torch.Tensor:
     """Mean softmax attention each key gets, over heads and the given queries.
 
     query: (batch, heads, queries, dim); key: (batch, heads, tokens, dim).
     Returns (batch, tokens) float32 whose rows sum to 1. Queries are processed in chunks so
-    memory stays O(chunk_size x tokens) per head, never tokens x tokens.
+    memory stays O(chunk_size x tokens) per head, never tokens x tokens. log_normalizer
+    (batch, heads, queries), if given, is each query's log-sum-exp over a larger key set of
+    which `key` is a part (context parallelism: the other ranks hold the rest).
     """
     batch, heads, num_queries, dim = query.shape
     scale = dim**-0.5
     received = torch.zeros(batch, heads, key.shape[2], dtype=torch.float32, device=key.device)
     key_t = key.transpose(-1, -2)
-    for chunk in query.split(chunk_size, dim=2):
+    normalizers = log_normalizer.split(chunk_size, dim=2) if log_normalizer is not None else None
+    for i, chunk in enumerate(query.split(chunk_size, dim=2)):
         # Logits and probabilities in the input dtype (softmax accumulates in float32 inside;
         # bf16 is plenty for ranking and halves the memory traffic), sums in float32.
-        probabilities = torch.matmul(chunk * scale, key_t).softmax(dim=-1)
+        logits = torch.matmul(chunk * scale, key_t)
+        if normalizers is None:
+            probabilities = logits.softmax(dim=-1)
+        else:
+            probabilities = (logits.float() - normalizers[i].unsqueeze(-1)).exp()
         received += probabilities.sum(dim=2, dtype=torch.float32)
     return received.mean(dim=1) / num_queries
+
+
+def attention_log_normalizer(query: torch.Tensor, key: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
+    """(batch, heads, queries) float32 log-sum-exp of each query's logits over `key`, as
+    attention_received computes them."""
+    scale = query.shape[-1] ** -0.5
+    key_t = key.transpose(-1, -2)
+    return torch.cat([torch.matmul(chunk * scale, key_t).float().logsumexp(dim=-1)
+                      for chunk in query.split(chunk_size, dim=2)], dim=2)
 
 
 def sample_queries(grid: TokenGrid, count: int, seed: int, device: torch.device) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 
 from .config import LipConfig
 from .interframe import keep_mask, reference_index
+from .parallel import SequenceShard, balance_keep
 from .recovery import RecoveryKeys, recovery_keys, restore_from_references
 from .refresh import remember_span
 from .runtime import CallState, ForwardState, OpenSpan, Span, TokenPruner, spans_from_starts
@@ -117,6 +118,12 @@ class LipPruner(TokenPruner):
         for attention, processor in self._originals:
             attention.processor = processor
         self._originals = []
+
+    def check_parallel(self, shard: SequenceShard) -> None:
+        super().check_parallel(shard)
+        if self.config.tape is not None:
+            raise ValueError("LipConfig(tape=...) is not supported under context parallelism (TAPE's budgets among "
+                             "LIP's kept tokens are not balanced over the ranks): use LIP alone, or TAPE alone")
 
     # -- per forward --------------------------------------------------------------------
     def wants_forward(self) -> bool:
@@ -235,11 +242,18 @@ class LipPruner(TokenPruner):
                              f"latents are {tuple(noisy.shape[2:])}: choose a video size whose latents divide evenly")
         mask = self._mask(grid, noisy).to(noisy.device)
         keep = mask.any(dim=0).flatten()  # a token is computed if any video of the batch needs it
-        reference = reference_index(keep.view(1, grid.frames, grid.height, grid.width))[0]
+        reference = self._reference(keep, grid)
+        if current.shard is not None:  # equal kept counts per rank: attention exchanges equal chunks
+            keep = balance_keep(keep, reference, grid, current.shard.world)
+            reference = self._reference(keep, grid)
         keys = recovery_keys(keep, reference, grid, self.config.duplicates) if self.config.recovery else None
         counts = tuple(keep.view(grid.frames, -1).sum(dim=1).tolist())
         state.plan = LipPlan(keep, keep.nonzero().view(1, -1), reference, keys, counts)
         return state.plan
+
+    @staticmethod
+    def _reference(keep: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+        return reference_index(keep.view(1, grid.frames, grid.height, grid.width))[0]
 
     def _mask(self, grid: TokenGrid, noisy: torch.Tensor) -> torch.Tensor:
         """The (batch or 1, frames, height, width) keep mask of this call, checked against it."""

@@ -19,6 +19,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .adapters import Adapter
+from .parallel import SequenceShard, check_shard_length, is_cp_hook, shard_of
 from .stats import ForwardRecord, PruneStats, SpanRecord
 from .tokens import TokenGrid, scatter_tokens
 
@@ -65,6 +66,7 @@ class ForwardState:
     active: bool = False
     tape_keep: float = 1.0  # LIP + TAPE: the share of LIP's kept tokens TAPE's spans compute
     span: OpenSpan | None = None
+    shard: SequenceShard | None = None  # this rank's chunk of the tokens under context parallelism
 
 
 class CallState:
@@ -172,16 +174,26 @@ class TokenPruner:
     def on_detach(self) -> None:
         """When the hooks are removed: undo `on_attach`."""
 
+    def check_parallel(self, shard: SequenceShard) -> None:
+        """Refuse, before a context-parallel forward computes anything, what the method cannot
+        do on a chunk of the tokens (a ValueError naming it)."""
+        if not self.adapter.supports_context_parallel:
+            raise ValueError(f"vidprune does not prune {type(self.transformer).__name__} under context parallelism "
+                             "yet; Wan (WanTransformer3DModel) is supported")
+
     # -- transformer level --------------------------------------------------------------
     def begin_forward(self, inputs: dict[str, Any]) -> None:
         if not self.wants_forward():
             return
         grid = self.adapter.token_grid(self.transformer, inputs)
+        shard = shard_of(self.transformer, grid)
+        if shard is not None:
+            self.check_parallel(shard)
         sigma = float(inputs[self.adapter.timestep_argument].max()) / self.state.num_train_timesteps
         context = inputs.get("encoder_hidden_states")
         record = ForwardRecord(step=None, sigma=sigma, keep=1.0, tokens=grid.size,
                                context_tokens=context.shape[1] if context is not None else 0)
-        self.state.current = ForwardState(grid, inputs, sigma, self.state.branch_of(sigma), record)
+        self.state.current = ForwardState(grid, inputs, sigma, self.state.branch_of(sigma), record, shard=shard)
         self.plan_forward(self.state.current)
 
     def end_forward(self, output: Any) -> Any:
@@ -210,18 +222,19 @@ class TokenPruner:
         inputs = bind_arguments(type(block).forward, args, kwargs)
         if layer == span.start:
             hidden_states = inputs["hidden_states"]
-            if hidden_states.shape[1] != current.grid.size:
-                raise RuntimeError(
-                    f"vidprune expected {current.grid.size} video tokens ({current.grid}) but the block got "
-                    f"{hidden_states.shape[1]}; sequence-splitting parallelism is not supported inside pruned spans"
-                )
+            check_shard_length(current.shard, current.grid, hidden_states.shape[1])
             current.span = OpenSpan(span.start, hidden_states, inputs, None)
-            index = current.span.index = self.select(block, inputs, span)
+            # A selection is global (the same on every rank under context parallelism); the
+            # span runs on this rank's part of it.
+            index = self.select(block, inputs, span)
             recorded = index if index is not None and self.records_selections(span) else None
             current.record.spans.append(SpanRecord(
                 span.start, span.end, current.grid.size if index is None else index.shape[1], current.grid,
                 recorded, self.attention_keys(),
             ))
+            if index is not None and current.shard is not None:
+                index = current.shard.local_index(index)
+            current.span.index = index
             if index is not None:
                 gathered = self.adapter.gather_block_inputs(inputs, index)
                 current.span.token_inputs = {k: v for k, v in gathered.items() if k != "hidden_states"}
@@ -278,6 +291,21 @@ class BlockHook(ModelHook):
         return self.pruner.run_block(module, self.fn_ref.original_forward, self.span, self.layer, args, kwargs)
 
 
+def _inside_cp_hooks(module: torch.nn.Module, change: Callable[[HookRegistry], None]) -> None:
+    """Run `change` on the module's hook registry with diffusers' context-parallel hooks lifted
+    off and put back after, so they wrap vidprune's: a block's inputs are split into the
+    rank's chunk before vidprune's hook sees them, whichever of enable_parallelism and apply
+    came first. (They only split inputs or gather outputs, so they can leave the middle of a
+    chain.)"""
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    lifted = [(name, registry.hooks[name]) for name in registry._hook_order if is_cp_hook(name)]
+    for name, _ in lifted:
+        registry.remove_hook(name, recurse=False)
+    change(registry)
+    for name, hook in lifted:
+        registry.register_hook(hook, name)
+
+
 def attach(pruner: TokenPruner) -> TokenPruner:
     """Register the hooks of `pruner` on its transformer and the blocks of its spans."""
     transformer = pruner.transformer
@@ -286,8 +314,8 @@ def attach(pruner: TokenPruner) -> TokenPruner:
     blocks = pruner.adapter.blocks(transformer)
     for span in pruner.spans:
         for layer in range(span.start, span.end + 1):
-            block_registry = HookRegistry.check_if_exists_or_initialize(blocks[layer])
-            block_registry.register_hook(BlockHook(pruner, span, layer), HOOK_NAME)
+            hook = BlockHook(pruner, span, layer)
+            _inside_cp_hooks(blocks[layer], lambda block_registry: block_registry.register_hook(hook, HOOK_NAME))
     registry.invalidate_child_registries_cache()
     pruner.on_attach()
     return pruner
@@ -299,8 +327,9 @@ def detach(transformer: torch.nn.Module) -> None:
     cannot unlink a hook from the middle of a chain."""
     for module in transformer.modules():
         order = getattr(getattr(module, "_diffusers_hook", None), "_hook_order", [])
-        if HOOK_NAME in order and order[-1] != HOOK_NAME:
-            later = ", ".join(order[order.index(HOOK_NAME) + 1:])
+        later = [name for name in order[order.index(HOOK_NAME) + 1:] if not is_cp_hook(name)] if HOOK_NAME in order else []
+        if later:
+            later = ", ".join(later)
             raise ValueError(f"hooks registered after vidprune's ({later}) must be removed first: call "
                              "transformer.disable_cache() (or remove those hooks) before vidprune.remove or apply")
     registry = getattr(transformer, "_diffusers_hook", None)

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from .config import TapeConfig
-from .importance import attention_received, random_importance, sample_queries
+from .importance import attention_log_normalizer, attention_received, random_importance, sample_queries
+from .parallel import SequenceShard, select_sharded
 from .refresh import SpanMemory, memory_estimate, refresh_scores, relative_change, remember_span
 from .runtime import CallState, ForwardState, OpenSpan, Span, TokenPruner, spans_from_starts
 from .schedule import keep_at, plan_keeps
@@ -106,28 +107,34 @@ class Selector:
                  candidates: Candidates | None = None) -> torch.Tensor:
         """Sorted (batch or 1, kept) indices; `memory` must hold the span's history when the
         config refreshes."""
-        config, grid = self.config, current.grid
+        config, grid, shard = self.config, current.grid, current.shard
         hidden_states = inputs["hidden_states"]
+        # Under context parallelism every per-token term is computed on this rank's chunk and
+        # gathered: all ranks score the full sequence alike and make the same selection.
+        full = (lambda x: x) if shard is None else shard.gather
         attention = None
         if config.attention_weight > 0:
             queries = candidates.queries if candidates is not None else state.queries(grid, hidden_states.device)
-            attention = token_scores(self.adapter, block, inputs, config, queries, current.sigma, span_start, grid)
+            attention = token_scores(self.adapter, block, inputs, config, queries, current.sigma, span_start, grid,
+                                     shard)
             if candidates is not None:
                 attention = attention[:, candidates.reference]
             attention = smooth_over_time(attention, grid, config.temporal_sigma, config.temporal_radius)
         scores = attention
         if config.refreshes:
-            change = relative_change(hidden_states, memory.compared_input) if config.change_weight > 0 else None
+            change = full(relative_change(hidden_states, memory.compared_input)) if config.change_weight > 0 else None
             weights = (config.attention_weight, config.change_weight, config.staleness_weight)
             among = candidates.keep if candidates is not None else None
             if candidates is not None:
                 budget = budgets_among(candidates.keep, grid, keep)
             else:  # per frame (select_global keeps about as many per frame)
                 budget = torch.full((grid.frames,), kept_per_frame(grid, keep), device=hidden_states.device)
-            scores = refresh_scores(attention, change, memory.staleness, weights, config.refresh_every, grid, budget,
-                                    among)
+            scores = refresh_scores(attention, change, full(memory.staleness), weights, config.refresh_every, grid,
+                                    budget, among)
         if candidates is not None:
             return select_among(scores, candidates.keep, candidates.frame_counts, grid, keep)
+        if shard is not None:
+            return select_sharded(scores, grid, kept_per_frame(grid, keep) * grid.frames, shard, config.per_frame)
         select = select_per_frame if config.per_frame else select_global
         if self.batched_guidance(state):
             # Both CFG branches in one batch: the unconditional half computes the tokens the
@@ -186,7 +193,7 @@ class TapePruner(TokenPruner):
         adapter, transformer = self.adapter, self.transformer
         needed = memory_estimate(
             "block", self.config.refreshes, len(self.spans), sum(s.end - s.start + 1 for s in self.spans),
-            current.grid.size, adapter.hidden_size(transformer), hidden_states.element_size(),
+            current.grid.size if current.shard is None else current.shard.size, adapter.hidden_size(transformer), hidden_states.element_size(),
             branches=1 if adapter.guidance_batched else 2,  # batched CFG: both branches are in the batch
             batch=hidden_states.shape[0], branch_modules=len(adapter.branch_modules(adapter.blocks(transformer)[0])),
         )
@@ -279,12 +286,31 @@ class BlockCache:
 
 
 def token_scores(adapter, block: torch.nn.Module, inputs: dict[str, Any], config: TapeConfig, queries: torch.Tensor,
-                 sigma: float, span_start: int, grid: TokenGrid) -> torch.Tensor:
+                 sigma: float, span_start: int, grid: TokenGrid, shard: SequenceShard | None = None) -> torch.Tensor:
     """(batch, tokens) importance of every token at a span's first block: attention received
-    from `queries`, or random (seeded by the step and span)."""
+    from `queries`, or random (seeded by the step and span). With a shard, `inputs` are its
+    chunk and the importance is still over all tokens (see sharded_attention_received)."""
     hidden_states = inputs["hidden_states"]
-    if config.importance == "random":
+    if config.importance == "random":  # drawn alike on every rank
         seed = hash((config.seed, round(sigma, 6), span_start)) % (2**31)
         return random_importance(hidden_states.shape[0], grid, seed, hidden_states.device)
+    if shard is not None:
+        return sharded_attention_received(adapter, block, inputs, queries, shard)
     query, key = adapter.query_key(block, inputs, queries)
     return attention_received(query, key)
+
+
+def sharded_attention_received(adapter, block: torch.nn.Module, inputs: dict[str, Any], queries: torch.Tensor,
+                               shard: SequenceShard) -> torch.Tensor:
+    """Attention received by every token from the sampled `queries` (global indices) when each
+    rank holds one chunk of the tokens: the queries are assembled from the ranks that hold
+    them, each rank scores its own keys, normalised by the log-sum-exp over all ranks' keys."""
+    # The query sample is sorted, so this rank's queries are one contiguous run of it.
+    bounds = torch.tensor([shard.start, shard.start + shard.size], device=queries.device)
+    low, high = torch.searchsorted(queries, bounds).tolist()
+    query, key = adapter.query_key(block, inputs, queries[low:high] - shard.start)
+    every_query = query.new_zeros(*query.shape[:2], queries.shape[0], query.shape[3])
+    every_query[:, :, low:high] = query
+    every_query = shard.sum(every_query)  # zeros elsewhere: the sum is the union
+    log_normalizer = shard.gather(attention_log_normalizer(every_query, key).unsqueeze(0), dim=0).logsumexp(dim=0)
+    return shard.gather(attention_received(every_query, key, log_normalizer=log_normalizer))

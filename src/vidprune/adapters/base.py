@@ -34,6 +34,10 @@ class Adapter:
     guidance_batched: bool = False
     #: whether TAPE's cache="block" (branch_modules, replay_block) is implemented
     supports_block_cache: bool = True
+    #: whether pruning inside diffusers' context parallelism is implemented: the model's
+    #: `_cp_plan` splits the video tokens into equal contiguous chunks before the first block
+    #: (with every per-token block input) and gathers them after the last
+    supports_context_parallel: bool = False
 
     def patch_size(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
         """Latent (frames, height, width) covered by one token."""

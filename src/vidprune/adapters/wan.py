@@ -55,6 +55,24 @@ class WanRecoveryProcessor:
     def __init__(self, original: Any, pruner: Any, layer: int) -> None:
         self.original, self.pruner, self.layer = original, pruner, layer
 
+    # diffusers sets these on every attention processor (enable_parallelism,
+    # set_attention_backend); they belong to the original, which computes unpruned attention.
+    @property
+    def _parallel_config(self) -> Any:
+        return self.original._parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, value: Any) -> None:
+        self.original._parallel_config = value
+
+    @property
+    def _attention_backend(self) -> Any:
+        return self.original._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, value: Any) -> None:
+        self.original._attention_backend = value
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         state = self.pruner.state
         current = state.current
@@ -64,19 +82,26 @@ class WanRecoveryProcessor:
         query = _heads(attn, attn.norm_q(_projection(attn, hidden_states, 0)))
         key = _heads(attn, attn.norm_k(_projection(attn, hidden_states, 1)))
         value = _heads(attn, _projection(attn, hidden_states, 2))
+        # Under context parallelism this rank holds one chunk of the tokens: the kept tokens'
+        # keys and values of all ranks are gathered (in rank order they are the kept tokens in
+        # order), and this rank's queries attend to all of them here, outside diffusers'
+        # Ulysses/ring attention, as the recovered key set is not split evenly over the ranks.
+        shard = current.shard if current is not None else None
+        gather = (lambda x: x) if shard is None else shard.gather
         if recording:  # clean pass over all tokens: keep the kept tokens' keys and values
-            kept = state.plan.index[0]
-            state.recording.append((key[:, kept], value[:, kept]))
+            kept = state.plan.index if shard is None else shard.local_index(state.plan.index)
+            state.recording.append((gather(key[:, kept[0]]), gather(value[:, kept[0]])))
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        key, value = gather(key), gather(value)
         span = current.span
         keys = span.recovery_keys
         if span.key_rope is None:  # tables at the key positions, once per span
-            cos, sin = span.inputs["rotary_emb"]
+            cos, sin = (gather(table) for table in span.inputs["rotary_emb"])
             positions = keys.positions.unsqueeze(0)
             span.key_rope = (gather_tokens(cos, positions), gather_tokens(sin, positions))
         key_cos, key_sin = span.key_rope
         clean_key, clean_value = self.pruner.clean_keys_values(self.layer)
-        backend = getattr(self.original, "_attention_backend", None)
+        backend = self._attention_backend
         output = recovered_attention(
             query, key, value, keys,
             rotate_query=lambda q: apply_rope(q, *rotary_emb, exact=True),
@@ -91,6 +116,9 @@ class WanRecoveryProcessor:
 class WanAdapter(Adapter):
     model_classes = (WanTransformer3DModel,)
     video_to_video_pipelines = ("WanVideoToVideoPipeline",)
+    # WanTransformer3DModel._cp_plan: hidden states split at blocks.0, RoPE tables at the rope
+    # module's output (per-token timesteps at the model input), gathered at proj_out.
+    supports_context_parallel = True
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return transformer.blocks
