@@ -19,6 +19,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .adapters import Adapter
+from .graphs import Graph, SpanGraphs
 from .stats import ForwardRecord, PruneStats, SpanRecord
 from .tokens import TokenGrid, scatter_tokens
 
@@ -51,6 +52,7 @@ class OpenSpan:
     replayed: torch.Tensor | None = None  # TAPE cache "block": the pruned tokens' state through the span
     recovery_keys: Any = None  # LIP: the key positions of recovered attention in this span
     key_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # LIP: RoPE tables at those positions
+    graphed: tuple[torch.Tensor, Any] | None = None  # CUDA graphs: (kept output, rest) of the whole span
 
 
 @dataclass
@@ -80,6 +82,7 @@ class CallState:
         self.scheduler = getattr(pipeline, "scheduler", None)
         self.stats = PruneStats()
         self.current: ForwardState | None = None
+        self.span_graphs: dict[int, SpanGraphs] = {}  # per pruner (id); dropped with the call
         self._step_sigma: float | None = None
         self._forwards_in_step = 0
 
@@ -136,6 +139,9 @@ class TokenPruner:
         self.state = state
         self.spans = spans
         self.num_layers = len(adapter.blocks(transformer))
+        # vidprune.compile_blocks(graphs=True): makes the graph maker of a call's SpanGraphs
+        self.graph_factory: Callable[[], Callable[[], Graph]] | None = None
+        self.block_forwards: dict[int, Callable] = {}  # each span block's forward under vidprune's hook
 
     # -- to be provided by a method -----------------------------------------------------
     def plan_forward(self, current: ForwardState) -> None:
@@ -165,6 +171,9 @@ class TokenPruner:
     def wants_forward(self) -> bool:
         """False while the method runs a forward of its own that must not be pruned."""
         return True
+
+    def check_graphs(self) -> None:
+        """Raise ValueError if this method's spans cannot run as CUDA graphs."""
 
     def on_attach(self) -> None:
         """After the hooks are registered (e.g. to install attention processors)."""
@@ -222,20 +231,55 @@ class TokenPruner:
                 span.start, span.end, current.grid.size if index is None else index.shape[1], current.grid,
                 recorded, self.attention_keys(),
             ))
-            if index is not None:
+            if index is not None and self.graph_factory is not None:
+                current.span.graphed = self._graphed_span(span)
+            elif index is not None:
                 gathered = self.adapter.gather_block_inputs(inputs, index)
                 current.span.token_inputs = {k: v for k, v in gathered.items() if k != "hidden_states"}
                 inputs = {**inputs, **gathered}
         else:
             inputs = {**inputs, **current.span.token_inputs}
-        output = forward(**inputs)
-        self.after_block(block, layer, current.span)
-        if layer == span.end:
-            # Only the video tokens were pruned; what else the block returns (a joint-attention
-            # block's text stream) is full length already.
+        open_span = current.span
+        if open_span.graphed is None:
+            output = forward(**inputs)
+            self.after_block(block, layer, open_span)
             hidden_states, rest = self.adapter.split_block_output(output)
-            output = self.adapter.join_block_output(self.finish_span(span, current.span, hidden_states), rest)
-            current.span = None
+        else:  # the span's blocks ran in the graph at its first block; the later ones pass
+            hidden_states, rest = open_span.graphed
+        if layer != span.end:
+            return output if open_span.graphed is None else self.adapter.join_block_output(open_span.input, rest)
+        # Only the video tokens were pruned; what else the block returns (a joint-attention
+        # block's text stream) is full length already.
+        current.span = None
+        return self.adapter.join_block_output(self.finish_span(span, open_span, hidden_states), rest)
+
+    def _graphed_span(self, span: Span) -> tuple[torch.Tensor, Any]:
+        """The kept output of the span's blocks (and the rest of its last block's output), its
+        gather and blocks run as one CUDA graph per call and shape (graphs.py)."""
+        current = self.state.current
+        runner = self.state.span_graphs.get(id(self))
+        if runner is None:
+            runner = self.state.span_graphs[id(self)] = SpanGraphs(self.graph_factory())
+        open_span = current.span
+        inputs = {"block": open_span.inputs, "index": open_span.index, "recovery_keys": open_span.recovery_keys}
+
+        def work(static: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+            # Read from `static` only, and say so to the open span (the attention processors read
+            # it): a replay runs on these buffers, not on the forward that captured it.
+            now = self.state.current.span
+            now.inputs, now.index, now.recovery_keys, now.key_rope = (
+                static["block"], static["index"], static["recovery_keys"], None)
+            gathered = self.adapter.gather_block_inputs(static["block"], static["index"])
+            now.token_inputs = {k: v for k, v in gathered.items() if k != "hidden_states"}
+            block_inputs = {**static["block"], **gathered}
+            for layer in range(span.start, span.end + 1):
+                output = self.block_forwards[layer](**block_inputs)
+                block_inputs = self.adapter.next_block_inputs(block_inputs, output)
+            return self.adapter.split_block_output(output)
+
+        output, how = runner.run(span.start, inputs, work)
+        open_span.inputs, open_span.index, open_span.recovery_keys = inputs["block"], inputs["index"], inputs["recovery_keys"]
+        current.record.spans[-1].graph = how
         return output
 
     def after_block(self, block: torch.nn.Module, layer: int, span: OpenSpan) -> None:
@@ -287,7 +331,9 @@ def attach(pruner: TokenPruner) -> TokenPruner:
     for span in pruner.spans:
         for layer in range(span.start, span.end + 1):
             block_registry = HookRegistry.check_if_exists_or_initialize(blocks[layer])
-            block_registry.register_hook(BlockHook(pruner, span, layer), HOOK_NAME)
+            hook = BlockHook(pruner, span, layer)
+            block_registry.register_hook(hook, HOOK_NAME)
+            pruner.block_forwards[layer] = hook.fn_ref.original_forward
     registry.invalidate_child_registries_cache()
     pruner.on_attach()
     return pruner
