@@ -17,7 +17,7 @@ from vidprune.patch import _GRAPHS_ATTRIBUTE
 from vidprune.runtime import pruner_of
 
 from conftest import SMALL_SPANS, tiny_transformer, transformer_inputs
-from test_lip import edit
+from test_lip import edit, moving_square_video
 from test_lip_tape import mask as lip_tape_mask
 
 LIP_MASK = torch.arange(3 * 4 * 5).view(3, 4, 5) % 3 != 1  # grid 3 x 4 x 5, frame 0 kept whole
@@ -50,19 +50,22 @@ def affine(inputs):
 def test_runner_runs_eager_then_captures_then_replays_on_new_values():
     runner = SpanGraphs(EagerReplayGraph)
     seen = []
-    for seed in range(4):
+    for seed in range(5):
         x = torch.randn(3, 2, generator=torch.Generator().manual_seed(seed))
         inputs = {"x": x, "scale": (torch.tensor(2.0),), "n": 5}
         output, how = runner.run("span", inputs, affine)
         seen.append(how)
         assert torch.equal(output["y"], x * 2 + 1) and output["n"] == 5  # this call's values, not the captured ones
-    assert seen == ["eager", "captured", "replayed", "replayed"]
-    assert runner.counts == {"eager": 1, "captured": 1, "replayed": 2}
+    assert seen == ["eager", "eager", "captured", "replayed", "replayed"]
+    assert runner.counts == {"eager": 2, "captured": 1, "replayed": 2}
 
 
 def test_runner_outputs_are_copies_of_the_static_buffers():
-    runner = SpanGraphs(EagerReplayGraph)
-    inputs = lambda v: {"x": torch.full((2,), float(v)), "scale": (torch.tensor(1.0),), "n": 0}  # noqa: E731
+    runner = SpanGraphs(EagerReplayGraph, capture_at=2)
+
+    def inputs(value: float) -> dict:
+        return {"x": torch.full((2,), float(value)), "scale": (torch.tensor(1.0),), "n": 0}
+
     runner.run("span", inputs(0), affine)
     first, _ = runner.run("span", inputs(1), affine)  # captured
     second, _ = runner.run("span", inputs(5), affine)  # replayed into the same buffers
@@ -73,7 +76,7 @@ def test_runner_outputs_are_copies_of_the_static_buffers():
 
 
 def test_runner_captures_anew_for_new_shapes_keys_and_constants_and_evicts_the_oldest():
-    runner = SpanGraphs(EagerReplayGraph, capacity=2)
+    runner = SpanGraphs(EagerReplayGraph, capacity=2, capture_at=2)
 
     def run(key, rows, n=0):
         inputs = {"x": torch.ones(rows, 2), "scale": (torch.tensor(3.0),), "n": n}
@@ -108,16 +111,20 @@ def test_graphed_spans_compute_what_eager_spans_compute(name):
     with graphed(graphs):
         vidprune.apply(graphs, CONFIGS[name])
     hows = []
-    for seed in range(4):  # new values at every forward: the static buffers must be refilled
+    inputs = transformer_inputs(batch=2, frames=3, height=8, width=10)
+    with pytest.raises(RuntimeError, match=r"for inference only: call the model under torch.no_grad\(\)"):
+        graphs(**inputs)
+    for seed in range(5):  # new values at every forward: the static buffers must be refilled
         inputs = transformer_inputs(batch=2, frames=3, height=8, width=10, seed=seed)
-        assert torch.equal(graphs(**inputs)[0], eager(**inputs)[0])
+        with torch.no_grad():
+            assert torch.equal(graphs(**inputs)[0], eager(**inputs)[0])
         hows.append([span.graph for span in vidprune.stats(graphs).forwards[-1].spans])
     assert all(span.graph is None for f in vidprune.stats(eager).forwards for span in f.spans)
     spans = len(hows[0])
     if name == "tape":  # a fresh selection each forward, same shapes: only the index changes
-        assert hows == [["eager"] * spans, ["captured"] * spans, ["replayed"] * spans, ["replayed"] * spans]
+        assert hows == [["eager"] * spans] * 2 + [["captured"] * spans] + [["replayed"] * spans] * 2
     else:
-        assert hows == [["eager"], ["captured"], ["replayed"], ["replayed"]]
+        assert hows == [["eager"], ["eager"], ["captured"], ["replayed"], ["replayed"]]
     vidprune.remove(graphs)
     inputs = transformer_inputs(batch=2, frames=3, height=8, width=10, seed=9)
     assert torch.equal(graphs(**inputs)[0], tiny_transformer()(**inputs)[0])
@@ -128,7 +135,8 @@ def test_an_all_kept_mask_stays_bit_identical_with_graphs():
     with graphed(model):
         vidprune.apply(model, vidprune.LipConfig(mask=torch.ones(3, 4, 5, dtype=torch.bool)))
     inputs = transformer_inputs(frames=3, height=8, width=10)
-    assert torch.equal(model(**inputs)[0], tiny_transformer()(**inputs)[0])
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], tiny_transformer()(**inputs)[0])
     assert vidprune.stats(model).forwards[0].spans == []
 
 
@@ -140,7 +148,7 @@ def test_graphs_in_edits_match_eager_and_are_dropped_with_each_call(clean, confi
     """Two edits of different videos in a row: the second must not replay the first's graphs."""
     pipe = clean["v2v"]
     vidprune.apply(pipe, config)
-    other_video = [frame.transpose(0) for frame in _video()]  # mirrored: another mask, same shapes
+    other_video = [frame.transpose(0) for frame in moving_square_video()]  # mirrored: another mask
     expected = [edit(pipe), edit(pipe, video=other_video)]
     with graphed(pipe.transformer):
         vidprune.apply(pipe, config)
@@ -153,12 +161,6 @@ def test_graphs_in_edits_match_eager_and_are_dropped_with_each_call(clean, confi
     for e, g in zip(expected, got):
         assert torch.equal(g, e)
     assert not torch.equal(expected[0], expected[1])
-
-
-def _video():
-    from test_lip import moving_square_video
-
-    return moving_square_video()
 
 
 def test_graphs_refuse_what_they_cannot_run_and_change_nothing(clean):
@@ -186,8 +188,9 @@ def test_real_cuda_graphs_match_eager(name):
     vidprune.compile_blocks(graphs, graphs=True, compile=False)
     for model in (eager, graphs):
         vidprune.apply(model, CONFIGS[name])
-    for seed in range(4):
+    for seed in range(5):
         inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v
                   for k, v in transformer_inputs(batch=2, frames=3, height=8, width=10, seed=seed).items()}
-        torch.testing.assert_close(graphs(**inputs)[0], eager(**inputs)[0], atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            torch.testing.assert_close(graphs(**inputs)[0], eager(**inputs)[0], atol=1e-4, rtol=1e-4)
     assert vidprune.stats(graphs).forwards[-1].spans[0].graph == "replayed"

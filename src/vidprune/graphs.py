@@ -21,6 +21,7 @@ between forwards, and must not sync with the host (`.item()`, `nonzero`, boolean
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Protocol
@@ -151,15 +152,18 @@ class _Entry:
 class SpanGraphs:
     """Captures and replays the work of spans (see the module docstring).
 
-    A signature (key, input shapes) seen for the first time runs eagerly: a one-off shape (a
-    TAPE keep used once) is not worth a capture. At its second sighting it is captured, at later
-    ones replayed. At most `capacity` graphs are kept (least recently used dropped first)."""
+    A signature (key, input shapes) runs eagerly at its first `capture_at - 1` sightings, is
+    captured at the next and replayed after. Why wait: a capture costs about two runs of the
+    work, and a shape met once or twice is not worth one (TAPE's keep of one denoising step is
+    met by the step's two CFG forwards, then never again). At most `capacity` graphs are kept
+    (the least recently used dropped first)."""
 
-    def __init__(self, make_graph: Callable[[], Graph], capacity: int = 16) -> None:
+    def __init__(self, make_graph: Callable[[], Graph], capacity: int = 16, capture_at: int = 3) -> None:
         self.make_graph = make_graph
         self.capacity = capacity
+        self.capture_at = capture_at
         self.entries: OrderedDict[Hashable, _Entry] = OrderedDict()
-        self.seen: set[Hashable] = set()
+        self.sightings: collections.Counter[Hashable] = collections.Counter()
         self.counts = {"eager": 0, "captured": 0, "replayed": 0}
 
     def run(self, key: Hashable, inputs: Any, fn: Callable[[Any], Any]) -> tuple[Any, str]:
@@ -170,8 +174,8 @@ class SpanGraphs:
         spec = _flatten(inputs, tensors)
         signature = (key, spec, tuple((tuple(t.shape), t.dtype, t.device) for t in tensors))
         entry = self.entries.get(signature)
-        if entry is None and signature not in self.seen:
-            self.seen.add(signature)
+        self.sightings[signature] += 1
+        if entry is None and self.sightings[signature] < self.capture_at:
             self.counts["eager"] += 1
             return fn(inputs), "eager"
         how = "replayed"

@@ -143,7 +143,7 @@ def compile_blocks(target: Any, graphs: bool = False, compile: bool = True, **co
     kernels are fused. Shapes are dynamic by default (token counts change with pruning);
     `compile_options` go to torch.compile.
     graphs=True (CUDA only): every pruned span (the gather of its kept tokens and all its
-    blocks) runs as a CUDA graph, captured at the second forward of a pipeline call with its
+    blocks) runs as a CUDA graph, captured at the third forward of a pipeline call with its
     shapes and replayed after (vidprune/graphs.py); dropped at the end of each call. Unpruned
     forwards are not affected. Not with TapeConfig(cache="block") or LipConfig(kv_source="clean").
 

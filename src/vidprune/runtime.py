@@ -185,6 +185,10 @@ class TokenPruner:
     def begin_forward(self, inputs: dict[str, Any]) -> None:
         if not self.wants_forward():
             return
+        if self.graph_factory is not None and torch.is_grad_enabled():
+            # A replay records no autograd graph: gradients through it would be silently wrong.
+            raise RuntimeError("compile_blocks(graphs=True) runs pruned spans for inference only: call the model "
+                               "under torch.no_grad() (pipelines do), or compile_blocks without graphs=True")
         grid = self.adapter.token_grid(self.transformer, inputs)
         sigma = float(inputs[self.adapter.timestep_argument].max()) / self.state.num_train_timesteps
         context = inputs.get("encoder_hidden_states")
