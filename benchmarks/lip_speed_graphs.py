@@ -4,7 +4,7 @@ one process, in WanVideoToVideoPipeline edits of real latents (random weights, b
 
 Per row: the median forward wall time (CUDA events) of the second of two identical calls, its
 speedup over the eager unpruned row, and the GPU kernel time per forward over the forwards
-after the third of another call (a graphed call's first two forwards run eagerly, its third
+after the fourth of another call (a graphed call's first two forwards run eagerly, its third
 captures, see vidprune/graphs.py). Graph rows also give how their spans ran and how far their
 output latents are from the eager row's (relative L2; bf16 rounding differs a little between
 kernels launched one by one and replayed).
@@ -79,13 +79,15 @@ def measure(pipe: Any, config: Any, call: Callable[[int], torch.Tensor], steps: 
 
 def kernel_ms(call: Callable[[int], torch.Tensor], steps: int, forwards: int, transformer: torch.nn.Module,
               device: torch.device) -> float:
-    """Kernel time per forward (on a CPU: operator time, for the dry run) over forwards 4 to
+    """Kernel time per forward (on a CPU: operator time, for the dry run) over forwards 5 to
     `forwards` (the call's last) of a call of `steps`; the profiler steps at each forward's start."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     cuda = device.type == "cuda"
-    active = forwards - 3
-    plan = schedule(wait=3, warmup=1, active=active, repeat=1)  # steps 0-3: setup, forwards 1-3
+    # Profiler steps 0-3 (setup, forwards 1-3, the capture among them) wait: nothing traces during
+    # a capture; forward 4 warms the profiler up.
+    active = forwards - 4
+    plan = schedule(wait=4, warmup=1, active=active, repeat=1)
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU], schedule=plan) as prof:
         handle = transformer.register_forward_pre_hook(lambda *_: prof.step())
         try:
@@ -190,7 +192,7 @@ def markdown(info: dict, rows: list[dict]) -> str:
             "`compile_blocks(pipe, graphs=True)` (blocks torch.compiled, dynamic shapes; compiled in the warm-up calls). "
             "Spans: how the second timed call's spans ran (eager: a shape's first two sightings). Forward wall: "
             "median of the second of two identical calls; speedup over the eager unpruned row; "
-            "kernel ms: GPU kernel time per forward over forwards 4 and later of a 5-step call (graph rows: if far below "
+            "kernel ms: GPU kernel time per forward over forwards 5 and later of a 5-step call (graph rows: if far below "
             "the eager row's, the profiler did not see the kernels inside graph replays). "
             f"Made by `{info['command']}`."
         ),
