@@ -181,6 +181,19 @@ def test_graphs_refuse_what_they_cannot_run_and_change_nothing(clean):
     assert pruner_of(model) is None and pruner_of(pipe.transformer) is None
 
 
+def test_graphs_refuse_hooks_registered_after_vidprunes():
+    """A step cache's hooks on the span's blocks would see the pass-through outputs of blocks
+    whose work ran in the graph at the span's first block."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    model = tiny_transformer()
+    with graphed(model):
+        vidprune.apply(model, CONFIGS["lip"])
+    HookRegistry.check_if_exists_or_initialize(model.blocks[2]).register_hook(ModelHook(), "later")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"block 2 has hooks registered after vidprune's \(later\)"):
+        model(**transformer_inputs(frames=3, height=8, width=10))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["lip", "lip-noar", "tape"])
 def test_real_cuda_graphs_match_eager(name):

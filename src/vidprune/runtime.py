@@ -260,6 +260,15 @@ class TokenPruner:
     def _graphed_span(self, span: Span) -> tuple[torch.Tensor, Any]:
         """The kept output of the span's blocks (and the rest of its last block's output), its
         gather and blocks run as one CUDA graph per call and shape (graphs.py)."""
+        blocks = self.adapter.blocks(self.transformer)
+        for layer in range(span.start, span.end + 1):
+            # The graph runs every block's forward under vidprune's hook, so a hook wrapping one
+            # (a step cache enabled after apply) would see pass-through outputs: refuse it.
+            order = getattr(getattr(blocks[layer], "_diffusers_hook", None), "_hook_order", [HOOK_NAME])
+            if order[-1] != HOOK_NAME:
+                later = ", ".join(order[order.index(HOOK_NAME) + 1:])
+                raise ValueError(f"block {layer} has hooks registered after vidprune's ({later}), which CUDA graphs of "
+                                 "whole spans would bypass: compile_blocks(graphs=True) does not compose with them")
         current = self.state.current
         runner = self.state.span_graphs.get(id(self))
         if runner is None:
