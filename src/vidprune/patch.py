@@ -145,7 +145,8 @@ def compile_blocks(target: Any, graphs: bool = False, compile: bool = True, **co
     graphs=True (CUDA only): every pruned span (the gather of its kept tokens and all its
     blocks) runs as a CUDA graph, captured at the third forward of a pipeline call with its
     shapes and replayed after (vidprune/graphs.py); dropped at the end of each call. Unpruned
-    forwards are not affected. Not with TapeConfig(cache="block") or LipConfig(kv_source="clean").
+    forwards are not affected. Not with TapeConfig(cache="block"), LipConfig(kv_source="clean"),
+    hooks added to the blocks after `apply` (step caches), or autograd (inference only).
 
     `remove` undoes neither (a later `apply` uses them again). Returns `target`."""
     transformers = _targets(target, "compile_blocks")
