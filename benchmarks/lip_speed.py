@@ -9,6 +9,11 @@ quality. Methods run side by side in one process; per-forward times are CUDA-eve
 from the second of two identical calls.
 
     python benchmarks/lip_speed.py --latents ../shared/data/wan21_latents/test_latents_wan.pth
+
+--graphs: eager rows, then the same methods with vidprune.compile_blocks(pipe, graphs=True,
+compile=False) (pruned spans as CUDA graphs; with --compile also torch.compiled blocks), with
+GPU kernel time per forward; writes lip_speed_<shape>_graphs.{json,md}. `--device cpu --shape
+tiny` is a dry run of it on the CPU (synthetic latents, graphs.EagerReplayGraph as the graph).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers import WanVideoToVideoPipeline
@@ -40,16 +46,26 @@ def main() -> None:
                         help="after the eager rows, vidprune.compile_blocks and every method again in the same "
                              "process (rows ' (compiled)'); results go to lip_speed_1.3b_compiled.*")
     parser.add_argument("--methods", nargs="+", help="run only these rows (default: all; unpruned always runs)")
+    parser.add_argument("--graphs", action="store_true",
+                        help="eager rows, then with compile_blocks(graphs=True): lip_speed_<shape>_graphs.{json,md}")
+    parser.add_argument("--quick", action="store_true", help="--graphs: 10-step calls (default --steps otherwise)")
+    parser.add_argument("--shape", choices=["1.3b", "14b", "tiny"], default="1.3b", help="--graphs: transformer shape")
+    parser.add_argument("--device", default="cuda", help="--graphs: cuda, or cpu for a dry run with --shape tiny")
     args = parser.parse_args()
+    if args.graphs:
+        from lip_speed_graphs import run_graphs
+
+        run_graphs(args, make_call)
+        return
+    if args.shape != "1.3b" or args.device != "cuda" or args.quick:
+        parser.error("--shape, --device and --quick are for --graphs")
     device = "cuda"
     torch.manual_seed(0)
 
     source = torch.load(args.latents, map_location="cpu").to(device=device, dtype=torch.float32)  # (1, 16, F, H, W)
     pipe = build_random_pipeline("1.3b", device, pipeline=WanVideoToVideoPipeline)
-    transformer, scheduler = pipe.transformer, pipe.scheduler
+    transformer = pipe.transformer
     pipe.set_progress_bar_config(disable=True)
-    prompt_embeds = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
-    negative_embeds = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
     mask = keep_mask(source, (1, 2, 2))
     report = prune_report(mask)
     info = {
@@ -64,15 +80,7 @@ def main() -> None:
     }
     print(info, flush=True)
 
-    def call(steps: int) -> torch.Tensor:
-        scheduler.set_timesteps(steps, device=device)
-        first = scheduler.timesteps[steps - int(steps * args.strength)]
-        noise = torch.randn(source.shape, generator=torch.Generator(device).manual_seed(0), device=device)
-        sigma = first / 1000
-        noisy = ((1 - sigma) * source + sigma * noise).to(torch.bfloat16)
-        return pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, latents=noisy,
-                    strength=args.strength, num_inference_steps=steps, guidance_scale=5.0,
-                    height=source.shape[3] * 8, width=source.shape[4] * 8, output_type="latent").frames
+    call = make_call(pipe, source, args.strength)
 
     methods = {
         "unpruned": None,
@@ -132,6 +140,27 @@ def main() -> None:
     text = markdown(info, results, args)
     (args.out / f"{name}.md").write_text(text)
     print(text)
+
+
+def make_call(pipe, source: torch.Tensor, strength: float) -> Callable[[int], torch.Tensor]:
+    """call(steps): the pipeline's edit of `source` (1, 16, F, H, W) at `strength`, from latents
+    noised to the edit's first step with a fixed noise, random text embeddings, CFG on; returns
+    the latents."""
+    device, scheduler = source.device, pipe.scheduler
+    prompt_embeds = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
+    negative_embeds = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
+
+    def call(steps: int) -> torch.Tensor:
+        scheduler.set_timesteps(steps, device=device)
+        first = scheduler.timesteps[steps - int(steps * strength)]
+        noise = torch.randn(source.shape, generator=torch.Generator(device).manual_seed(0), device=device)
+        sigma = first / 1000
+        noisy = ((1 - sigma) * source + sigma * noise).to(torch.bfloat16)
+        return pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, latents=noisy,
+                    strength=strength, num_inference_steps=steps, guidance_scale=5.0,
+                    height=source.shape[3] * 8, width=source.shape[4] * 8, output_type="latent").frames
+
+    return call
 
 
 def kernel_time_per_forward(pipe, config, call, timer: ForwardTimer) -> float:

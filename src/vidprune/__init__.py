@@ -6,7 +6,8 @@
     print(vidprune.stats(pipe))                          # tokens kept per step and span
     vidprune.remove(pipe)                                # back to bit-identical behaviour
 
-On a GPU, vidprune.compile_blocks(pipe) before apply compiles the blocks that pruning wraps.
+On a GPU, vidprune.compile_blocks(pipe) before apply compiles the blocks that pruning wraps
+(graphs=True: and runs the pruned spans as CUDA graphs).
 """
 
 from .adapters import UnsupportedModelError, supported_classes

@@ -114,6 +114,11 @@ class LipPruner(TokenPruner):
             self._originals.append((attention, attention.processor))
             attention.processor = self.adapter.recovery_processor(attention.processor, self, layer)
 
+    def check_graphs(self) -> None:
+        if self.config.kv_source == "clean":
+            raise ValueError("LipConfig(kv_source='clean') is not supported with compile_blocks(graphs=True) (its "
+                             "recorded keys and values differ per guidance branch); use kv_source='current' (the default)")
+
     def on_detach(self) -> None:
         for attention, processor in self._originals:
             attention.processor = processor

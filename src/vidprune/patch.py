@@ -8,6 +8,7 @@ import torch
 
 from .adapters import adapter_for
 from .config import LipConfig, TapeConfig
+from .graphs import cuda_graph_factory
 from .lip import LipPruner, LipState
 from .runtime import attach, detach, pruner_of
 from .stats import PruneStats
@@ -18,6 +19,9 @@ METHODS = {TapeConfig: (TapeState, TapePruner), LipConfig: (LipState, LipPruner)
 
 _STATE_ATTRIBUTE = "_vidprune_state"
 _COMPILED_ATTRIBUTE = "_vidprune_compiled"  # on a block whose forward compile_blocks compiled
+# On a transformer whose pruned spans run as CUDA graphs: the graph factory (graphs.py; tests set
+# graphs.EagerReplayGraph makers here to run the capture logic on the CPU).
+_GRAPHS_ATTRIBUTE = "_vidprune_graphs"
 _pruned_pipeline_classes: dict[type, type] = {}
 
 
@@ -101,6 +105,10 @@ def apply(target: Any, config: TapeConfig | LipConfig) -> Any:
     state = state_class(config)
     # Every pruner is built (and its spans checked against its model) before anything changes.
     pruners = [pruner_class(transformer, adapter_for(transformer), config, state) for transformer in transformers]
+    for pruner in pruners:
+        pruner.graph_factory = getattr(pruner.transformer, _GRAPHS_ATTRIBUTE, None)
+        if pruner.graph_factory is not None:
+            pruner.check_graphs()
     remove(target)
     for pruner in pruners:
         attach(pruner)
@@ -125,18 +133,39 @@ def remove(target: Any) -> Any:
     return target
 
 
-def compile_blocks(target: Any, **compile_options: Any) -> Any:
-    """torch.compile the forward of every transformer block of a pipeline or transformer, in
-    place; call it before `apply`. The pruning hooks then wrap the compiled blocks: gathering,
-    selection and scattering stay eager, each block's own kernels are fused. Why: on a GPU the
-    kernels of a pruned forward are short, so launching them sets its time; fusing cuts both
-    the kernels and their launches. Shapes are dynamic by default (token counts change with
-    pruning); `compile_options` go to torch.compile. `remove` does not undo it. Returns `target`."""
-    for transformer in _targets(target, "compile_blocks"):
+def compile_blocks(target: Any, graphs: bool = False, compile: bool = True, **compile_options: Any) -> Any:
+    """Make a pipeline's or transformer's pruned forwards cheaper to launch, in place; call it
+    before `apply`. Why: on a GPU the kernels of a pruned forward are short, so launching them
+    sets its time.
+
+    compile=True: torch.compile the forward of every transformer block. The pruning hooks then
+    wrap the compiled blocks: gathering, selection and scattering stay eager, each block's own
+    kernels are fused. Shapes are dynamic by default (token counts change with pruning);
+    `compile_options` go to torch.compile.
+    graphs=True (CUDA only): every pruned span (the gather of its kept tokens and all its
+    blocks) runs as a CUDA graph, captured at the third forward of a pipeline call with its
+    shapes and replayed after (vidprune/graphs.py); dropped at the end of each call. Unpruned
+    forwards are not affected. Not with TapeConfig(cache="block"), LipConfig(kv_source="clean"),
+    hooks added to the blocks after `apply` (step caches), or autograd (inference only).
+
+    `remove` undoes neither (a later `apply` uses them again). Returns `target`."""
+    transformers = _targets(target, "compile_blocks")
+    if not compile and not graphs:
+        raise ValueError("compile_blocks(compile=False) does nothing without graphs=True")
+    if compile_options and not compile:
+        raise ValueError(f"compile_blocks got torch.compile options ({', '.join(compile_options)}) with compile=False")
+    for transformer in transformers:
         if pruner_of(transformer) is not None:
             raise ValueError("compile_blocks must come before vidprune.apply (the pruning hooks wrap the compiled "
                              "blocks): call vidprune.remove, then compile_blocks, then apply again")
-        for block in adapter_for(transformer).blocks(transformer):
+        device = next(transformer.parameters()).device
+        if graphs and device.type != "cuda":
+            raise ValueError(f"compile_blocks(graphs=True) captures CUDA graphs: {type(transformer).__name__} is on "
+                             f"{device}; move the model to a CUDA device first (pipe.to('cuda')), or use graphs=False")
+    for transformer in transformers:
+        if graphs:
+            setattr(transformer, _GRAPHS_ATTRIBUTE, cuda_graph_factory)
+        for block in adapter_for(transformer).blocks(transformer) if compile else ():
             if not getattr(block, _COMPILED_ATTRIBUTE, False):
                 block.forward = torch.compile(block.forward, **{"dynamic": True, **compile_options})
                 setattr(block, _COMPILED_ATTRIBUTE, True)

@@ -19,6 +19,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .adapters import Adapter
+from .graphs import Graph, SpanGraphs
 from .parallel import SequenceShard, check_shard_length, is_cp_hook, shard_of
 from .stats import ForwardRecord, PruneStats, SpanRecord
 from .tokens import TokenGrid, scatter_tokens
@@ -52,6 +53,7 @@ class OpenSpan:
     replayed: torch.Tensor | None = None  # TAPE cache "block": the pruned tokens' state through the span
     recovery_keys: Any = None  # LIP: the key positions of recovered attention in this span
     key_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # LIP: RoPE tables at those positions
+    graphed: tuple[torch.Tensor, Any] | None = None  # CUDA graphs: (kept output, rest) of the whole span
 
 
 @dataclass
@@ -82,6 +84,7 @@ class CallState:
         self.scheduler = getattr(pipeline, "scheduler", None)
         self.stats = PruneStats()
         self.current: ForwardState | None = None
+        self.span_graphs: dict[int, SpanGraphs] = {}  # per pruner (id); dropped with the call
         self._step_sigma: float | None = None
         self._forwards_in_step = 0
 
@@ -138,6 +141,9 @@ class TokenPruner:
         self.state = state
         self.spans = spans
         self.num_layers = len(adapter.blocks(transformer))
+        # vidprune.compile_blocks(graphs=True): makes the graph maker of a call's SpanGraphs
+        self.graph_factory: Callable[[], Callable[[], Graph]] | None = None
+        self.block_forwards: dict[int, Callable] = {}  # each span block's forward under vidprune's hook
 
     # -- to be provided by a method -----------------------------------------------------
     def plan_forward(self, current: ForwardState) -> None:
@@ -168,6 +174,9 @@ class TokenPruner:
         """False while the method runs a forward of its own that must not be pruned."""
         return True
 
+    def check_graphs(self) -> None:
+        """Raise ValueError if this method's spans cannot run as CUDA graphs."""
+
     def on_attach(self) -> None:
         """After the hooks are registered (e.g. to install attention processors)."""
 
@@ -180,11 +189,18 @@ class TokenPruner:
         if not self.adapter.supports_context_parallel:
             raise ValueError(f"vidprune does not prune {type(self.transformer).__name__} under context parallelism "
                              "yet; Wan (WanTransformer3DModel) is supported")
+        if self.graph_factory is not None:  # the graphed span would run inside diffusers' split hooks' chain
+            raise ValueError("compile_blocks(graphs=True) does not compose with context parallelism: compile without "
+                             "graphs=True, or run on one GPU")
 
     # -- transformer level --------------------------------------------------------------
     def begin_forward(self, inputs: dict[str, Any]) -> None:
         if not self.wants_forward():
             return
+        if self.graph_factory is not None and torch.is_grad_enabled():
+            # A replay records no autograd graph: gradients through it would be silently wrong.
+            raise RuntimeError("compile_blocks(graphs=True) runs pruned spans for inference only: call the model "
+                               "under torch.no_grad() (pipelines do), or compile_blocks without graphs=True")
         grid = self.adapter.token_grid(self.transformer, inputs)
         shard = shard_of(self.transformer, grid)
         if shard is not None:
@@ -235,20 +251,64 @@ class TokenPruner:
             if index is not None and current.shard is not None:
                 index = current.shard.local_index(index)
             current.span.index = index
-            if index is not None:
+            if index is not None and self.graph_factory is not None:
+                current.span.graphed = self._graphed_span(span)
+            elif index is not None:
                 gathered = self.adapter.gather_block_inputs(inputs, index)
                 current.span.token_inputs = {k: v for k, v in gathered.items() if k != "hidden_states"}
                 inputs = {**inputs, **gathered}
         else:
             inputs = {**inputs, **current.span.token_inputs}
-        output = forward(**inputs)
-        self.after_block(block, layer, current.span)
-        if layer == span.end:
-            # Only the video tokens were pruned; what else the block returns (a joint-attention
-            # block's text stream) is full length already.
+        open_span = current.span
+        if open_span.graphed is None:
+            output = forward(**inputs)
+            self.after_block(block, layer, open_span)
             hidden_states, rest = self.adapter.split_block_output(output)
-            output = self.adapter.join_block_output(self.finish_span(span, current.span, hidden_states), rest)
-            current.span = None
+        else:  # the span's blocks ran in the graph at its first block; the later ones pass
+            hidden_states, rest = open_span.graphed
+        if layer != span.end:
+            return output if open_span.graphed is None else self.adapter.join_block_output(open_span.input, rest)
+        # Only the video tokens were pruned; what else the block returns (a joint-attention
+        # block's text stream) is full length already.
+        current.span = None
+        return self.adapter.join_block_output(self.finish_span(span, open_span, hidden_states), rest)
+
+    def _graphed_span(self, span: Span) -> tuple[torch.Tensor, Any]:
+        """The kept output of the span's blocks (and the rest of its last block's output), its
+        gather and blocks run as one CUDA graph per call and shape (graphs.py)."""
+        blocks = self.adapter.blocks(self.transformer)
+        for layer in range(span.start, span.end + 1):
+            # The graph runs every block's forward under vidprune's hook, so a hook wrapping one
+            # (a step cache enabled after apply) would see pass-through outputs: refuse it.
+            order = getattr(getattr(blocks[layer], "_diffusers_hook", None), "_hook_order", [HOOK_NAME])
+            if order[-1] != HOOK_NAME:
+                later = ", ".join(order[order.index(HOOK_NAME) + 1:])
+                raise ValueError(f"block {layer} has hooks registered after vidprune's ({later}), which CUDA graphs of "
+                                 "whole spans would bypass: compile_blocks(graphs=True) does not compose with them")
+        current = self.state.current
+        runner = self.state.span_graphs.get(id(self))
+        if runner is None:
+            runner = self.state.span_graphs[id(self)] = SpanGraphs(self.graph_factory())
+        open_span = current.span
+        inputs = {"block": open_span.inputs, "index": open_span.index, "recovery_keys": open_span.recovery_keys}
+
+        def work(static: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+            # Read from `static` only, and say so to the open span (the attention processors read
+            # it): a replay runs on these buffers, not on the forward that captured it.
+            now = self.state.current.span
+            now.inputs, now.index, now.recovery_keys, now.key_rope = (
+                static["block"], static["index"], static["recovery_keys"], None)
+            gathered = self.adapter.gather_block_inputs(static["block"], static["index"])
+            now.token_inputs = {k: v for k, v in gathered.items() if k != "hidden_states"}
+            block_inputs = {**static["block"], **gathered}
+            for layer in range(span.start, span.end + 1):
+                output = self.block_forwards[layer](**block_inputs)
+                block_inputs = self.adapter.next_block_inputs(block_inputs, output)
+            return self.adapter.split_block_output(output)
+
+        output, how = runner.run(span.start, inputs, work)
+        open_span.inputs, open_span.index, open_span.recovery_keys = inputs["block"], inputs["index"], inputs["recovery_keys"]
+        current.record.spans[-1].graph = how
         return output
 
     def after_block(self, block: torch.nn.Module, layer: int, span: OpenSpan) -> None:
@@ -316,6 +376,7 @@ def attach(pruner: TokenPruner) -> TokenPruner:
         for layer in range(span.start, span.end + 1):
             hook = BlockHook(pruner, span, layer)
             _inside_cp_hooks(blocks[layer], lambda block_registry: block_registry.register_hook(hook, HOOK_NAME))
+            pruner.block_forwards[layer] = hook.fn_ref.original_forward
     registry.invalidate_child_registries_cache()
     pruner.on_attach()
     return pruner

@@ -20,6 +20,7 @@ class SpanRecord:
     grid: TokenGrid
     index: torch.Tensor | None = None  # kept token indices (LIP; TAPE with record_selections=True)
     keys: int | None = None  # self-attention keys when they differ from tokens (LIP's recovery)
+    graph: str | None = None  # with CUDA graphs (compile_blocks(graphs=True)): "eager", "captured" or "replayed"
 
     def kept_per_frame(self) -> list[int]:
         """Tokens kept in each latent frame (first sample), from the recorded indices."""

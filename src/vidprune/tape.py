@@ -151,6 +151,13 @@ class Selector:
         return self.config.share_cfg_selection and self.adapter.guidance_in_batch(state.pipeline)
 
 
+def check_graphs(config: TapeConfig) -> None:
+    """Refuse what CUDA graphs of whole spans cannot run: cache "block" replays each block."""
+    if config.cache == "block":
+        raise ValueError("TapeConfig(cache='block') replays every block on the pruned tokens, per block outside "
+                         "a graph: with compile_blocks(graphs=True) use cache='span' (the default)")
+
+
 class TapePruner(TokenPruner):
     def __init__(self, transformer: torch.nn.Module, adapter, config: TapeConfig, state: TapeState) -> None:
         num_layers = len(adapter.blocks(transformer))
@@ -160,6 +167,9 @@ class TapePruner(TokenPruner):
         self.selections: dict[int, torch.Tensor] = {}
         self.fills = False  # this forward computes every token to fill the spans' memory
         self.block_cache = BlockCache(self) if config.cache == "block" else None
+
+    def check_graphs(self) -> None:
+        check_graphs(self.config)
 
     def on_attach(self) -> None:
         if self.block_cache is not None:

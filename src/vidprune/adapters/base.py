@@ -60,6 +60,13 @@ class Adapter:
         """Inverse of split_block_output."""
         return (hidden_states, rest) if self.returns_text_stream else hidden_states
 
+    def next_block_inputs(self, inputs: dict[str, Any], output: Any) -> dict[str, Any]:
+        """The next block's arguments by name, from a block's arguments and output, as the
+        transformer's block loop passes them on (for running a span's blocks in a row)."""
+        hidden_states, rest = self.split_block_output(output)
+        text = {"encoder_hidden_states": rest} if self.returns_text_stream else {}
+        return {**inputs, "hidden_states": hidden_states, **text}
+
     def token_grid(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> TokenGrid:
         """Token grid of a forward, from its arguments by name. By default from the latents
         `hidden_states` (batch, channels, frames, height, width); a model that takes packed
