@@ -59,7 +59,7 @@ def measure(pipe: Any, config: Any, call: Callable[[int], torch.Tensor], steps: 
     if config is not None:
         vidprune.apply(pipe, config)
     call(PROFILED_STEPS)
-    warmup_forwards = len(timer.take())
+    timer.take()
     call_s = []
     for _ in range(2):
         synchronize(device)
@@ -69,7 +69,7 @@ def measure(pipe: Any, config: Any, call: Callable[[int], torch.Tensor], steps: 
         call_s.append(time.perf_counter() - started)
         forwards = timer.take()
     entry = {"forward_wall_ms": statistics.median(forwards), "call_s": call_s[1], "forwards": len(forwards),
-             "warmup_forwards": warmup_forwards, "latents": latents.float().cpu()}
+             "latents": latents.float().cpu()}
     if config is not None:
         stats = vidprune.stats(pipe)
         entry["kept_fraction"] = stats.mean_keep
@@ -77,27 +77,39 @@ def measure(pipe: Any, config: Any, call: Callable[[int], torch.Tensor], steps: 
     return entry
 
 
-def kernel_ms(call: Callable[[int], torch.Tensor], steps: int, forwards: int, transformer: torch.nn.Module,
+def kernel_ms(call: Callable[[int], torch.Tensor], steps: int, transformer: torch.nn.Module,
               device: torch.device) -> float:
     """Kernel time per forward (on a CPU: operator time, for the dry run) over forwards 5 to
-    `forwards` (the call's last) of a call of `steps`; the profiler steps at each forward's start."""
-    from torch.profiler import ProfilerActivity, profile, schedule
+    the last of a call of `steps`: the profiler starts at the fifth
+    forward's start, after the call's graph capture (at its third), and stops after the call.
+    (A profiler schedule stepped per forward dropped events of some cycles: in the first GPU
+    run, the graph rows' unpruned forwards, which replay nothing, read a third of the eager
+    row's kernel time.)"""
+    from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
-    # Profiler steps 0-3 (setup, forwards 1-3, the capture among them) wait: nothing traces during
-    # a capture; forward 4 warms the profiler up.
-    active = forwards - 4
-    plan = schedule(wait=4, warmup=1, active=active, repeat=1)
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU], schedule=plan) as prof:
-        handle = transformer.register_forward_pre_hook(lambda *_: prof.step())
-        try:
-            call(steps)
+    profiler = profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU])
+    seen = [0]
+
+    def start_at_fifth(*_: Any) -> None:
+        seen[0] += 1
+        if seen[0] == 5:
             synchronize(device)
-        finally:
-            handle.remove()
-    events = prof.key_averages()
+            profiler.start()
+
+    handle = transformer.register_forward_pre_hook(start_at_fifth)
+    try:
+        call(steps)
+        synchronize(device)
+    finally:
+        handle.remove()
+        if seen[0] >= 5:
+            profiler.stop()
+    if seen[0] < 5:
+        raise RuntimeError(f"the profiled call ran {seen[0]} forwards: kernel time needs at least 5")
+    events = profiler.key_averages()
     total_us = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in events)
-    return total_us / 1000 / active
+    return total_us / 1000 / (seen[0] - 4)
 
 
 def enable_graphs(pipe: Any, device: torch.device, compile: bool) -> None:
@@ -157,7 +169,7 @@ def run_graphs(args: argparse.Namespace, make_call: Callable) -> None:
                 enable_graphs(pipe, device, compile=mode == "graphs, compiled")
             for name, config in methods.items():
                 entry = measure(pipe, config, call, steps, timer, device)
-                entry["kernel_ms"] = kernel_ms(call, PROFILED_STEPS, entry.pop("warmup_forwards"), pipe.transformer, device)
+                entry["kernel_ms"] = kernel_ms(call, PROFILED_STEPS, pipe.transformer, device)
                 latents = entry.pop("latents")
                 if mode == "eager":
                     eager_latents[name] = latents
