@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from vidprune.adapters import ADAPTERS, adapter_for
-from vidprune.bench import RANDOM_MODELS, benchmark_shape, build_random_pipeline, build_transformer, transformers_of
+from vidprune.bench import (RANDOM_MODELS, benchmark_shape, build_random_pipeline, build_transformer, detach,
+                            enable_first_block_cache, transformers_of)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [name for adapter in ADAPTERS for name, shape in adapter.benchmark_shapes.items() if shape.tiny]
@@ -96,3 +97,29 @@ def test_family_speed_runs_end_to_end_on_the_cpu(tmp_path):
     assert set(hunyuan["block_ms"]) == {"HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"}
     assert "| ltx-video-tiny | 48 | TAPE default: pruned forwards, median | 0.375 |" in (
         tmp_path / "family_speed.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["ltx-video-tiny", "hunyuanvideo-tiny", "wan2.2-tiny"])
+def test_fixed_first_block_cache_computes_all_blocks_every_nth_step_in_every_family(name):
+    adapter, shape = benchmark_shape(name)
+    pipe = build_random_pipeline(name, "cpu", torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    enable_first_block_cache(pipe, 0.0, every=2)
+    calls = {"first": 0, "last": 0}
+    handles = []
+    for model in transformers_of(pipe):
+        blocks = adapter.blocks(model)
+        # on a module inside each block: the cache's hooks skip a block inside its forward
+        for which, block in (("first", blocks[0]), ("last", blocks[-1])):
+            inner = next(block.children())
+            handles.append(inner.register_forward_pre_hook(lambda *a, w=which: calls.__setitem__(w, calls[w] + 1)))
+    call = adapter.benchmark_call(shape, "cpu", torch.float32, torch.Generator().manual_seed(0))
+    try:
+        pipe(**call, num_inference_steps=5)
+    finally:
+        for handle in handles:
+            handle.remove()
+        detach(pipe)
+    per_step = 1 if adapter.guidance_batched or name.startswith("hunyuan") else 2  # forwards per step
+    # the first block every step; the others at steps 0, 2 and 4 only
+    assert calls == {"first": 5 * per_step, "last": 3 * per_step}

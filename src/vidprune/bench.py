@@ -156,6 +156,7 @@ class Kind:
     integer: bool = False
     residual_driven: bool = False  # decides from the model's residuals: nothing to measure on random weights
     notes: tuple[str, ...] = ()  # said under the table when the method runs
+    generic: bool = True  # runs on every family; else only where adapter.runs_every_bench_method (Wan)
 
 
 _CALL_COUNTER_NOTE = ("pab, faster: diffusers calls Wan's two CFG branches one after the other, and these hooks "
@@ -174,13 +175,13 @@ KINDS = {
     "naive": Kind("pruning", "generate", "KEEP", 0.5, "per-frame attention top-k, one selection, keep {v}"),
     "random": Kind("pruning", "generate", "KEEP", 0.5, "random tokens per frame, one selection, keep {v}"),
     "lip": Kind("pruning", "edit", "PRUNE", None, "LIP with Attention Recovery, pruning {v}",
-                unset="by the default thresholds"),
+                unset="by the default thresholds", generic=False),
     "lip-noar": Kind("pruning", "edit", "PRUNE", None, "LIP without recovery, pruning {v}",
-                     unset="by the default thresholds"),
+                     unset="by the default thresholds", generic=False),
     "lip-tape": Kind("pruning", "edit", "KEEP", 0.5, "LIP with recovery (default thresholds), then TAPE keeping {v} "
-                     "of LIP's tokens per frame"),
+                     "of LIP's tokens per frame", generic=False),
     "lip-tape-paper": Kind("pruning", "edit", "KEEP", 0.5, "lip-tape with TAPE's paper preset (pruned tokens "
-                           "unchanged, attention-only selection), keep {v}"),
+                           "unchanged, attention-only selection), keep {v}", generic=False),
     "fbc": Kind("cache", "generate", "THRESHOLD", 0.1, "FirstBlockCache, threshold {v}", residual_driven=True),
     "fbc-fixed": Kind(
         "cache", "generate", "N", 2, "FirstBlockCache hooks, all blocks every {v} steps only", integer=True,
@@ -189,22 +190,22 @@ KINDS = {
     "mag": Kind("cache", "generate", "THRESHOLD", 0.06, "MagCache, threshold {v}, calibrated ratios",
                 residual_driven=True,
                 notes=("mag: magnitude ratios calibrated by one unpruned call on the first input (diffusers' "
-                       "calibration mode; the conditional branch's ratios, which diffusers applies to both).",)),
+                       "calibration mode; the conditional branch's ratios, which diffusers applies to both).",), generic=False),
     "mag-fixed": Kind(
         "cache", "generate", "K", 2, "MagCache, all ratios 1.0: {v} skipped steps per computed one", integer=True,
         notes=("mag-fixed: MagCache with every magnitude ratio 1.0, so its error estimate stays 0: after the first "
-               "20% of the steps, K skipped steps per computed one: a fixed pattern.",)),
+               "20% of the steps, K skipped steps per computed one: a fixed pattern.",), generic=False),
     "taylor": Kind("cache", "generate", "N", 5, "TaylorSeer on attn1/attn2/ffn, computed every {v} steps",
                    integer=True,
                    notes=("taylor: TaylorSeer on every block's attn1, attn2 and ffn (its default module names match "
-                          "nothing in Wan), first order, 3 full steps first.",)),
+                          "nothing in Wan), first order, 3 full steps first.",), generic=False),
     "pab": Kind("cache", "generate", "N", 2, "PAB, self-attention every {v} calls, cross-attention every 2x{v}, "
-                "t in (100, 800)", integer=True, notes=(_CALL_COUNTER_NOTE,)),
+                "t in (100, 800)", integer=True, notes=(_CALL_COUNTER_NOTE,), generic=False),
     "faster": Kind(
         "cache", "generate", "N", 2, "FasterCache, self-attention every {v} calls, t < 681", integer=True,
         notes=(_CALL_COUNTER_NOTE,
                "faster: is_guidance_distilled=True, because its CFG cache needs both branches in one batch, which "
-               "Wan's pipelines never pass; what remains is its attention extrapolation (weight 0.5).")),
+               "Wan's pipelines never pass; what remains is its attention extrapolation (weight 0.5)."), generic=False),
 }
 TAPE_KINDS = ("tape", "tape-nocache", "tape-norefresh", "tape-nodense", "paper", "naive", "random")
 LIP_TAPE_KINDS = {"lip-tape": "tape", "lip-tape-paper": "paper"}  # LipConfig(tape=...) of this TAPE kind
@@ -324,9 +325,29 @@ def parse_methods(texts: list[str], random_weights: bool) -> list[Method]:
     return methods
 
 
-def default_methods(random_weights: bool) -> list[str]:
+def check_family(methods: list[Method], adapter: Adapter) -> None:
+    """Refuse methods that are set up for Wan only on another family (Kind.generic)."""
+    if adapter.runs_every_bench_method:
+        return
+    wan_only = [method.name for method in methods if not all(KINDS[kind].generic for kind, _ in method.parts)]
+    if wan_only:
+        raise ValueError(
+            f"method {wan_only[0]!r} is not accepted on a {adapter.model_classes[0].__name__}: on this family vidprune "
+            f"bench runs TAPE ({', '.join(TAPE_KINDS)}) and FirstBlockCache (fbc, fbc-fixed), alone or stacked; LIP, "
+            "MagCache, TaylorSeer, PAB and FasterCache are set up for Wan's pipelines")
+
+
+def default_methods(random_weights: bool, adapter: Adapter | None = None) -> list[str]:
     """The issue's list: TAPE at several budgets, its ablations, the baselines, LIP, each cache at
-    settings spanning similar speedups, and TAPE stacked with the caches that compose."""
+    settings spanning similar speedups, and TAPE stacked with the caches that compose; on a
+    family other than Wan (`adapter`), the ones that run there (check_family)."""
+    names = _issue_methods(random_weights)
+    if adapter is None or adapter.runs_every_bench_method:
+        return names
+    return [name for name in names if all(KINDS[kind].generic for kind, _ in parse_method(name).parts)]
+
+
+def _issue_methods(random_weights: bool) -> list[str]:
     fbc, mag = (["fbc-fixed:2", "fbc-fixed:3"], ["mag-fixed:1", "mag-fixed:3"]) if random_weights else (
         ["fbc:0.05", "fbc:0.1", "fbc:0.2"], ["mag:0.06", "mag:0.12", "mag:0.24"])
     return [

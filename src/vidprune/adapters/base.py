@@ -63,8 +63,11 @@ class Adapter:
     #: `_cp_plan` splits the video tokens into equal contiguous chunks before the first block
     #: (with every per-token block input) and gathers them after the last
     supports_context_parallel: bool = False
-    #: diffusers pipeline classes of the family that vidprune runs (the CLI loads these)
-    pipelines: tuple[str, ...] = ()
+    #: the family's text-to-video pipeline classes (what `vidprune generate --model` loads)
+    text_to_video_pipelines: tuple[str, ...] = ()
+    #: whether every `vidprune bench` method runs on the family; else TAPE and FirstBlockCache
+    #: only (the other caches are set up with Wan's module names and call order, LIP is Wan's)
+    runs_every_bench_method: bool = False
     #: random-weight models of the family's published sizes, by name (`BenchmarkShape`)
     benchmark_shapes: dict[str, BenchmarkShape] = {}
 

@@ -55,7 +55,7 @@ class CogVideoXAdapter(Adapter):
     supports_block_cache = False
     returns_text_stream = True
     guidance_batched = True
-    pipelines = ("CogVideoXPipeline",)
+    text_to_video_pipelines = ("CogVideoXPipeline",)
     benchmark_shapes = COGVIDEOX_SHAPES
 
     def benchmark_pipeline(self, transformers: list[torch.nn.Module], shape: BenchmarkShape) -> Any:

@@ -62,7 +62,7 @@ class HunyuanVideoAdapter(Adapter):
     supports_block_cache = False
     returns_text_stream = True
     guidance_batched = False
-    pipelines = ("HunyuanVideoPipeline",)
+    text_to_video_pipelines = ("HunyuanVideoPipeline",)
     benchmark_shapes = HUNYUAN_SHAPES
 
     def benchmark_pipeline(self, transformers: list[torch.nn.Module], shape: BenchmarkShape) -> Any:

@@ -50,7 +50,7 @@ class LTXAdapter(Adapter):
     model_classes = (LTXVideoTransformer3DModel,)
     supports_lip = False
     guidance_batched = True
-    pipelines = ("LTXPipeline", "LTXImageToVideoPipeline")
+    text_to_video_pipelines = ("LTXPipeline",)
     benchmark_shapes = LTX_SHAPES
 
     def benchmark_pipeline(self, transformers: list[torch.nn.Module], shape: BenchmarkShape) -> Any:

@@ -142,7 +142,8 @@ class WanAdapter(Adapter):
     # WanTransformer3DModel._cp_plan: hidden states split at blocks.0, RoPE tables at the rope
     # module's output (per-token timesteps at the model input), gathered at proj_out.
     supports_context_parallel = True
-    pipelines = ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline")
+    text_to_video_pipelines = ("WanPipeline",)
+    runs_every_bench_method = True
     benchmark_shapes = WAN_SHAPES
 
     def benchmark_pipeline(self, transformers: list[torch.nn.Module], shape: BenchmarkShape) -> Any:
