@@ -29,6 +29,7 @@ per family and one family_speed.md to --out, printing as it goes.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 
 import vidprune
-from vidprune.adapters import ADAPTERS, adapter_for
+from vidprune.adapters import ADAPTERS
 from vidprune.bench import (ForwardTimer, benchmark_shape, build_random_pipeline, detach, enable_first_block_cache,
                             environment, transformers_of)
 from vidprune.block_times import BlockTimes, time_ms
@@ -169,9 +170,6 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     report.update(tape=tape, fbc=fbc, tape_fbc=stacked, non_block_ms=non_block_ms, block_ms=blocks.measured(),
                   total_s=time.perf_counter() - started)
     print(markdown_rows(report), flush=True)
-    del pipe, transformer, inputs, blocks
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
     return report
 
 
@@ -239,7 +237,12 @@ def main() -> None:
     for family in args.families:
         names = [name for adapter in ADAPTERS for name, shape in adapter.benchmark_shapes.items()
                  if shape.family == family and shape.tiny == (args.shape == "tiny")]
-        family_reports = [measure(name, args) for name in names]
+        family_reports = []
+        for name in names:
+            family_reports.append(measure(name, args))
+            gc.collect()  # the model's hooks hold reference cycles: free it before the next one is built
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
         (args.out / f"family_speed_{family}.json").write_text(json.dumps(
             {"family": family, "command": " ".join(sys.argv), "models": family_reports}, indent=2))
         reports += family_reports
