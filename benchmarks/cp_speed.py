@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 import vidprune
-from vidprune.bench import TEXT_SHAPE, ForwardTimer, build_transformer
+from vidprune.bench import ForwardTimer, benchmark_shape, build_transformer
 from vidprune.interframe import keep_mask
 
 # Latent (frames, height, width) per resolution: 81 frames -> 21 latent frames, 8x spatial.
@@ -71,7 +71,7 @@ def forward_inputs(grid: tuple[int, int, int], device: torch.device, dtype: torc
     return dict(
         hidden_states=torch.randn(1, 16, *grid, generator=generator).to(device, dtype),
         timestep=torch.full((1,), 700.0, device=device),
-        encoder_hidden_states=torch.randn(1, *TEXT_SHAPE, generator=generator).to(device, dtype),
+        encoder_hidden_states=torch.randn(1, *benchmark_shape("wan-1.3b")[1].text, generator=generator).to(device, dtype),
         return_dict=False,
     )
 
@@ -154,7 +154,7 @@ def main() -> None:
     if args.resolutions:
         grids = {name: grid for name, grid in grids.items() if name in args.resolutions}
     cases = {name: (grid, rows(latents.to(device, dtype), name)) for name, grid in grids.items()}
-    model = build_transformer(args.shape, str(device), dtype)
+    model = build_transformer(f"wan-{args.shape}", str(device), dtype)
     info = {"shape": args.shape, "world": world, "device": torch.cuda.get_device_name() if device.type == "cuda"
             else "cpu", "torch": torch.__version__, "dtype": str(dtype), "grids": grids,
             "weights": "random (latency does not depend on weights)"}

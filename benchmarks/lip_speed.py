@@ -63,7 +63,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     source = torch.load(args.latents, map_location="cpu").to(device=device, dtype=torch.float32)  # (1, 16, F, H, W)
-    pipe = build_random_pipeline("1.3b", device, pipeline=WanVideoToVideoPipeline)
+    pipe = build_random_pipeline("wan-1.3b", device, pipeline=WanVideoToVideoPipeline)
     transformer = pipe.transformer
     pipe.set_progress_bar_config(disable=True)
     mask = keep_mask(source, (1, 2, 2))

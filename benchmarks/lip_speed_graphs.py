@@ -139,7 +139,7 @@ def run_graphs(args: argparse.Namespace, make_call: Callable) -> None:
         source = tiny_source(device)
     else:
         source = torch.load(args.latents, map_location="cpu").to(device=device, dtype=torch.float32)
-    pipe = build_random_pipeline(args.shape, str(device), pipeline=WanVideoToVideoPipeline)
+    pipe = build_random_pipeline(f"wan-{args.shape}", str(device), pipeline=WanVideoToVideoPipeline)
     pipe.set_progress_bar_config(disable=True)
     call = make_call(pipe, source, args.strength)
     report = prune_report(keep_mask(source, (1, 2, 2)))

@@ -19,7 +19,7 @@ from vidprune.tokens import TokenGrid
 
 def main() -> None:
     device = "cuda"
-    transformer = build_transformer("1.3b", device)
+    transformer = build_transformer("wan-1.3b", device)
     adapter = adapter_for(transformer)
     grid = TokenGrid(21, 30, 52)
     captured = {}

@@ -26,26 +26,17 @@ import torch
 
 import vidprune
 from vidprune.adapters import adapter_for
-from vidprune.bench import SHAPES, ForwardTimer, build_random_pipeline
+from vidprune.bench import ForwardTimer, build_random_pipeline
+from vidprune.block_times import BlockTimes, time_ms
 from vidprune.importance import attention_received, sample_queries
-from vidprune.runtime import bind_arguments
 from vidprune.schedule import plan_keeps
 from vidprune.selection import kept_per_frame, select_per_frame, smooth_over_time
 from vidprune.tokens import TokenGrid, scatter_tokens
 
-def cuda_time(fn, repeats: int, warmup: int = 2) -> list[float]:
-    """Milliseconds of each of `repeats` runs of fn, after warm-up, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
+
+def cuda_time(fn, repeats: int) -> list[float]:
+    """Milliseconds of each of `repeats` runs of fn after two warm-up runs, timed with CUDA events."""
+    return time_ms(fn, repeats, warmup=2, cuda=True)
 
 
 def measure_calls(pipe, config, call, steps: int, timer: ForwardTimer) -> dict:
@@ -84,7 +75,7 @@ def measure_calls(pipe, config, call, steps: int, timer: ForwardTimer) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="1.3b")
+    parser.add_argument("--shape", choices=("1.3b", "14b", "tiny"), default="1.3b", help="a Wan2.1 shape (bench.RANDOM_MODELS)")
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
@@ -101,7 +92,7 @@ def main() -> None:
     device = "cuda"
     torch.manual_seed(0)
 
-    pipe = build_random_pipeline(args.shape, device)
+    pipe = build_random_pipeline(f"wan-{args.shape}", device)
     pipe.set_progress_bar_config(disable=True)
     if args.compile:
         vidprune.compile_blocks(pipe)
@@ -128,29 +119,15 @@ def main() -> None:
     print(info, flush=True)
 
     # -- 1. per-block times at each token count ----------------------------------------------
-    captured = {}
-
-    def capture(module, a, kw):
-        captured.update(bind_arguments(type(module).forward, a, kw))
-
-    handle = transformer.blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
-    with torch.no_grad():
-        transformer(
-            hidden_states=torch.randn(latents_shape, device=device, dtype=torch.bfloat16),
-            timestep=torch.tensor([500.0], device=device),
-            encoder_hidden_states=prompt_embeds,
-        )
-    handle.remove()
-    block = transformer.blocks[num_layers // 2]
-    block_ms: dict[int, float] = {}
+    block_times = BlockTimes(transformer, dict(
+        hidden_states=torch.randn(latents_shape, device=device, dtype=torch.bfloat16),
+        timestep=torch.tensor([500.0], device=device), encoder_hidden_states=prompt_embeds,
+    ), repeats=args.block_repeats)
+    block = transformer.blocks[num_layers // 2]  # the block BlockTimes times (Wan's blocks are of one kind)
+    captured = block_times.inputs[type(block)]
 
     def time_block(tokens: int) -> float:
-        if tokens not in block_ms:
-            index = torch.arange(tokens, device=device).unsqueeze(0) * (grid.size // tokens)
-            inputs = dict(captured, **adapter.gather_block_inputs(captured, index))
-            with torch.no_grad():
-                block_ms[tokens] = statistics.median(cuda_time(lambda: block(**inputs), args.block_repeats))
-        return block_ms[tokens]
+        return block_times.block_ms(num_layers // 2, tokens)
 
     for ratio in (1.0, 0.75, 0.5, 0.4, 0.3, 0.2):
         time_block(kept_per_frame(grid, ratio) * grid.frames)
@@ -183,18 +160,14 @@ def main() -> None:
             if config is not None:
                 stats = vidprune.stats(pipe)
                 # The ceiling: every forward's non-block work plus its blocks at their token counts.
-                ideal = []
-                for record in stats.forwards:
-                    tokens_at = {l: s.tokens for s in record.spans for l in range(s.start, s.end + 1)}
-                    ideal.append(sum(time_block(tokens_at.get(l, grid.size)) for l in range(num_layers)))
-                entry["ideal_blocks_ms_mean"] = statistics.mean(ideal)
+                entry["ideal_blocks_ms_mean"] = statistics.mean(map(block_times.pruned_blocks_ms, stats.forwards))
                 entry["keeps"] = [round(r.keep, 4) for r in stats.forwards[::2]]
             results[name] = entry
             print(name, {k: v for k, v in entry.items() if k not in ("keeps", "forward_ms")}, flush=True)
     vidprune.remove(pipe)
 
     base = results["unpatched"]
-    non_block_ms = base["forward_ms_median"] - num_layers * block_ms[grid.size]
+    non_block_ms = base["forward_ms_median"] - block_times.blocks_ms()
     for entry in results.values():
         entry["speedup_forward_median"] = base["forward_ms_median"] / entry["forward_ms_median"]
         entry["speedup_call"] = base["call_s"] / entry["call_s"]
@@ -228,7 +201,7 @@ def main() -> None:
 
     report = {
         "info": info,
-        "block_ms": {str(k): v for k, v in sorted(block_ms.items(), reverse=True)},
+        "block_ms": {str(k): v for k, v in block_times.measured()["WanTransformerBlock"].items()},
         "non_block_ms": non_block_ms,
         "methods": results,
         "overhead": overhead,

@@ -40,9 +40,6 @@ from diffusers import (
     MagCacheConfig,
     PyramidAttentionBroadcastConfig,
     TaylorSeerCacheConfig,
-    UniPCMultistepScheduler,
-    WanPipeline,
-    WanTransformer3DModel,
     WanVideoToVideoPipeline,
 )
 from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
@@ -50,51 +47,69 @@ from tqdm.auto import tqdm
 
 import vidprune
 
-from .adapters import adapter_for
+from .adapters import ADAPTERS, Adapter, adapter_for
+from .adapters.base import BenchmarkShape
 from .config import LipConfig, TapeConfig
 from .interframe import LipDetection
 from .metrics import fidelity_summary
 from .validation import check_fraction, check_int
 
-# -- random-weight Wan transformers: real speed of the real architecture ------------------------
+# -- random-weight models: real speed of the real architectures --------------------------------
 
-SHAPES = {
-    "1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
-    "14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
-    "tiny": dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=6),  # CPU tests
-}
-RANDOM_MODELS = {f"wan-{shape}-random": shape for shape in SHAPES}
-TEXT_SHAPE = (512, 4096)  # Wan's UMT5 text embedding: tokens, width
+# "<name>-random" for every BenchmarkShape of every adapter: wan-1.3b-random, cogvideox-5b-random, ...
+RANDOM_MODELS = {f"{name}-random": name for adapter in ADAPTERS for name in adapter.benchmark_shapes}
 
 
-def build_transformer(shape: str, device: str, dtype: torch.dtype = torch.bfloat16) -> WanTransformer3DModel:
-    """A Wan2.1 transformer of `shape` (SHAPES) with random weights."""
-    with torch.device(device):
-        model = WanTransformer3DModel(
-            patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=TEXT_SHAPE[1], freq_dim=256,
-            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, **SHAPES[shape],
-        )
-    return model.to(dtype).eval()
+def benchmark_shape(name: str) -> tuple[Adapter, BenchmarkShape]:
+    """The adapter and shape of a random-weight model name (without "-random")."""
+    for adapter in ADAPTERS:
+        if name in adapter.benchmark_shapes:
+            return adapter, adapter.benchmark_shapes[name]
+    raise ValueError(f"{name!r} is not a random-weight model shape; accepted: "
+                     + ", ".join(n for a in ADAPTERS for n in a.benchmark_shapes))
 
 
-def build_random_pipeline(shape: str, device: str, dtype: torch.dtype = torch.bfloat16,
-                          pipeline: type = WanPipeline) -> Any:
-    """A Wan `pipeline` around a random-weight transformer, without text encoder or VAE: call it
-    with prompt_embeds (and, to edit, latents) and output_type="latent"."""
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    return pipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler,
-                    transformer=build_transformer(shape, device, dtype))
+def build_transformer(name: str, device: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> torch.nn.Module:
+    """The transformer of shape `name` with random weights, built on `device` directly in `dtype`:
+    a 14B model initialised on the CPU in float32 first would take minutes and 56 GB."""
+    adapter, shape = benchmark_shape(name)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = adapter.model_classes[0](**shape.config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(dtype).eval()  # tensors a module creates in an explicit dtype too
+
+
+def build_random_pipeline(name: str, device: str, dtype: torch.dtype = torch.bfloat16, pipeline: type | None = None) -> Any:
+    """The family's text-to-video pipeline of shape `name` around random-weight transformers,
+    without text encoder or VAE: call it with prompt embeddings (`adapter.benchmark_call`) and
+    output_type="latent". `pipeline`: another pipeline class of the family, made with from_pipe."""
+    adapter, shape = benchmark_shape(name)
+    pipe = adapter.benchmark_pipeline([build_transformer(name, device, dtype, seed) for seed in range(shape.experts)],
+                                      shape)
+    return pipe if pipeline is None else pipeline.from_pipe(pipe)
+
+
+def transformers_of(pipe: Any) -> list[torch.nn.Module]:
+    """The pipeline's transformers: `transformer`, and Wan2.2 A14B's second expert."""
+    return [model for model in (pipe.transformer, getattr(pipe, "transformer_2", None)) if model is not None]
 
 
 class ForwardTimer:
-    """Milliseconds of every forward of `module`: CUDA events on a GPU, perf_counter on a CPU.
-    torch hooks run outside diffusers' hook chain, so pruning and cache hooks are timed too."""
+    """Milliseconds of every forward of the modules (in call order): CUDA events on a GPU,
+    perf_counter on a CPU. torch hooks run outside diffusers' hook chain, so pruning and cache
+    hooks are timed too."""
 
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.cuda = next(module.parameters()).is_cuda
+    def __init__(self, *modules: torch.nn.Module) -> None:
+        self.cuda = next(modules[0].parameters()).is_cuda
         self.marks: list[list[Any]] = []
         self.open: list[int] = []  # forwards begun and not ended (a forward may run another inside)
-        self.handles = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._end)]
+        self.handles = [handle for module in modules
+                        for handle in (module.register_forward_pre_hook(self._start), module.register_forward_hook(self._end))]
 
     def _mark(self) -> Any:
         if not self.cuda:
@@ -141,6 +156,7 @@ class Kind:
     integer: bool = False
     residual_driven: bool = False  # decides from the model's residuals: nothing to measure on random weights
     notes: tuple[str, ...] = ()  # said under the table when the method runs
+    generic: bool = True  # runs on every family; else only where adapter.runs_every_bench_method (Wan)
 
 
 _CALL_COUNTER_NOTE = ("pab, faster: diffusers calls Wan's two CFG branches one after the other, and these hooks "
@@ -159,13 +175,13 @@ KINDS = {
     "naive": Kind("pruning", "generate", "KEEP", 0.5, "per-frame attention top-k, one selection, keep {v}"),
     "random": Kind("pruning", "generate", "KEEP", 0.5, "random tokens per frame, one selection, keep {v}"),
     "lip": Kind("pruning", "edit", "PRUNE", None, "LIP with Attention Recovery, pruning {v}",
-                unset="by the default thresholds"),
+                unset="by the default thresholds", generic=False),
     "lip-noar": Kind("pruning", "edit", "PRUNE", None, "LIP without recovery, pruning {v}",
-                     unset="by the default thresholds"),
+                     unset="by the default thresholds", generic=False),
     "lip-tape": Kind("pruning", "edit", "KEEP", 0.5, "LIP with recovery (default thresholds), then TAPE keeping {v} "
-                     "of LIP's tokens per frame"),
+                     "of LIP's tokens per frame", generic=False),
     "lip-tape-paper": Kind("pruning", "edit", "KEEP", 0.5, "lip-tape with TAPE's paper preset (pruned tokens "
-                           "unchanged, attention-only selection), keep {v}"),
+                           "unchanged, attention-only selection), keep {v}", generic=False),
     "fbc": Kind("cache", "generate", "THRESHOLD", 0.1, "FirstBlockCache, threshold {v}", residual_driven=True),
     "fbc-fixed": Kind(
         "cache", "generate", "N", 2, "FirstBlockCache hooks, all blocks every {v} steps only", integer=True,
@@ -174,22 +190,22 @@ KINDS = {
     "mag": Kind("cache", "generate", "THRESHOLD", 0.06, "MagCache, threshold {v}, calibrated ratios",
                 residual_driven=True,
                 notes=("mag: magnitude ratios calibrated by one unpruned call on the first input (diffusers' "
-                       "calibration mode; the conditional branch's ratios, which diffusers applies to both).",)),
+                       "calibration mode; the conditional branch's ratios, which diffusers applies to both).",), generic=False),
     "mag-fixed": Kind(
         "cache", "generate", "K", 2, "MagCache, all ratios 1.0: {v} skipped steps per computed one", integer=True,
         notes=("mag-fixed: MagCache with every magnitude ratio 1.0, so its error estimate stays 0: after the first "
-               "20% of the steps, K skipped steps per computed one: a fixed pattern.",)),
+               "20% of the steps, K skipped steps per computed one: a fixed pattern.",), generic=False),
     "taylor": Kind("cache", "generate", "N", 5, "TaylorSeer on attn1/attn2/ffn, computed every {v} steps",
                    integer=True,
                    notes=("taylor: TaylorSeer on every block's attn1, attn2 and ffn (its default module names match "
-                          "nothing in Wan), first order, 3 full steps first.",)),
+                          "nothing in Wan), first order, 3 full steps first.",), generic=False),
     "pab": Kind("cache", "generate", "N", 2, "PAB, self-attention every {v} calls, cross-attention every 2x{v}, "
-                "t in (100, 800)", integer=True, notes=(_CALL_COUNTER_NOTE,)),
+                "t in (100, 800)", integer=True, notes=(_CALL_COUNTER_NOTE,), generic=False),
     "faster": Kind(
         "cache", "generate", "N", 2, "FasterCache, self-attention every {v} calls, t < 681", integer=True,
         notes=(_CALL_COUNTER_NOTE,
                "faster: is_guidance_distilled=True, because its CFG cache needs both branches in one batch, which "
-               "Wan's pipelines never pass; what remains is its attention extrapolation (weight 0.5).")),
+               "Wan's pipelines never pass; what remains is its attention extrapolation (weight 0.5)."), generic=False),
 }
 TAPE_KINDS = ("tape", "tape-nocache", "tape-norefresh", "tape-nodense", "paper", "naive", "random")
 LIP_TAPE_KINDS = {"lip-tape": "tape", "lip-tape-paper": "paper"}  # LipConfig(tape=...) of this TAPE kind
@@ -309,9 +325,29 @@ def parse_methods(texts: list[str], random_weights: bool) -> list[Method]:
     return methods
 
 
-def default_methods(random_weights: bool) -> list[str]:
+def check_family(methods: list[Method], adapter: Adapter) -> None:
+    """Refuse methods that are set up for Wan only on another family (Kind.generic)."""
+    if adapter.runs_every_bench_method:
+        return
+    wan_only = [method.name for method in methods if not all(KINDS[kind].generic for kind, _ in method.parts)]
+    if wan_only:
+        raise ValueError(
+            f"method {wan_only[0]!r} is not accepted on a {adapter.model_classes[0].__name__}: on this family vidprune "
+            f"bench runs TAPE ({', '.join(TAPE_KINDS)}) and FirstBlockCache (fbc, fbc-fixed), alone or stacked; LIP, "
+            "MagCache, TaylorSeer, PAB and FasterCache are set up for Wan's pipelines")
+
+
+def default_methods(random_weights: bool, adapter: Adapter | None = None) -> list[str]:
     """The issue's list: TAPE at several budgets, its ablations, the baselines, LIP, each cache at
-    settings spanning similar speedups, and TAPE stacked with the caches that compose."""
+    settings spanning similar speedups, and TAPE stacked with the caches that compose; on a
+    family other than Wan (`adapter`), the ones that run there (check_family)."""
+    names = _issue_methods(random_weights)
+    if adapter is None or adapter.runs_every_bench_method:
+        return names
+    return [name for name in names if all(KINDS[kind].generic for kind, _ in parse_method(name).parts)]
+
+
+def _issue_methods(random_weights: bool) -> list[str]:
     fbc, mag = (["fbc-fixed:2", "fbc-fixed:3"], ["mag-fixed:1", "mag-fixed:3"]) if random_weights else (
         ["fbc:0.05", "fbc:0.1", "fbc:0.2"], ["mag:0.06", "mag:0.12", "mag:0.24"])
     return [
@@ -352,8 +388,6 @@ def cache_config(pipe: Any, kind: str, value: float, setup: Setup) -> Any:
     """diffusers' configuration of a cache method (see KINDS for what the values mean)."""
     timestep = lambda: pipe.current_timestep  # noqa: E731
     n = int(value)
-    if kind in ("fbc", "fbc-fixed"):
-        return FirstBlockCacheConfig(threshold=value if kind == "fbc" else 0.0)
     if kind == "mag":
         return MagCacheConfig(threshold=value, num_inference_steps=setup.steps, mag_ratios=setup.mag_ratios)
     if kind == "mag-fixed":
@@ -370,11 +404,26 @@ def cache_config(pipe: Any, kind: str, value: float, setup: Setup) -> Any:
                              attention_weight_callback=lambda _: 0.5, is_guidance_distilled=True)
 
 
-def fix_first_block_cache(transformer: torch.nn.Module, every: int) -> None:
+def fix_first_block_cache(pipe: Any, transformer: torch.nn.Module, every: int) -> None:
     """Replace FirstBlockCache's residual test by a fixed rule: all blocks at every `every`-th step
-    of each CFG branch (the pipelines name the step in the cache context)."""
+    of the call, the others only the first block (both CFG branches alike). The step is where the
+    pipeline's current timestep sits in its scheduler's timesteps: every family's pipeline sets
+    the former, while only Wan's names the step in the cache context."""
     hook = adapter_for(transformer).blocks(transformer)[0]._diffusers_hook.get_hook(_FBC_LEADER_BLOCK_HOOK)
-    hook._should_compute_remaining_blocks = lambda residual: hook.state_manager.context.step_index % every == 0
+
+    def compute_all(residual: torch.Tensor) -> bool:
+        return pipe.scheduler.timesteps.tolist().index(float(pipe.current_timestep)) % every == 0
+
+    hook._should_compute_remaining_blocks = compute_all
+
+
+def enable_first_block_cache(pipe: Any, threshold: float, every: int | None = None) -> None:
+    """diffusers' FirstBlockCache on every transformer of the pipeline (Wan2.2 A14B: both
+    experts), with the fixed rule of `fix_first_block_cache` when `every` is given."""
+    for transformer in transformers_of(pipe):
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        if every is not None:
+            fix_first_block_cache(pipe, transformer, every)
 
 
 def attach(pipe: Any, method: Method, setup: Setup) -> None:
@@ -390,16 +439,17 @@ def attach(pipe: Any, method: Method, setup: Setup) -> None:
             detection = LipDetection() if value is None else LipDetection(target_prune=value)
             mask = fixed_lip_mask(*setup.lip_grid, value) if setup.lip_grid else None
             vidprune.apply(pipe, LipConfig(detection=detection, recovery=kind == "lip", mask=mask))
+        elif kind in ("fbc", "fbc-fixed"):
+            enable_first_block_cache(pipe, value if kind == "fbc" else 0.0, int(value) if kind == "fbc-fixed" else None)
         else:
             pipe.transformer.enable_cache(cache_config(pipe, kind, value, setup))
-            if kind == "fbc-fixed":
-                fix_first_block_cache(pipe.transformer, int(value))
 
 
 def detach(pipe: Any) -> None:
     """Undo `attach`, last in first out (diffusers' hook registry unwinds correctly only so)."""
-    if pipe.transformer.is_cache_enabled:
-        pipe.transformer.disable_cache()
+    for transformer in transformers_of(pipe):
+        if transformer.is_cache_enabled:
+            transformer.disable_cache()
     vidprune.remove(pipe)
 
 
@@ -461,14 +511,20 @@ def edit_inputs(clips: int, seeds: int, frames: int, height: int, width: int) ->
             for video, prompt in edit_sources(clips, frames, height, width) for seed in range(seeds)]
 
 
-def random_inputs(task: str, prompts: int, seeds: int, call: dict, device: str, dtype: torch.dtype) -> list[Input]:
-    """Random text embeddings (and, to edit, random noisy latents) for random-weight models."""
+def random_inputs(task: str, prompts: int, seeds: int, call: dict, model: str, device: str,
+                  dtype: torch.dtype) -> list[Input]:
+    """Random prompt embeddings of the random-weight model `model` (a RANDOM_MODELS name), as its
+    family's pipeline takes them, and, to edit, random noisy latents."""
+    adapter, shape = benchmark_shape(RANDOM_MODELS[model])
     generator = torch.Generator().manual_seed(0)
-    latent_shape = (1, 16, (call["num_frames"] - 1) // 4 + 1, call["height"] // 8, call["width"] // 8)
+    temporal, spatial = shape.vae
+    latent_shape = (1, shape.config["in_channels"], (call["num_frames"] - 1) // temporal + 1,
+                    call["height"] // spatial, call["width"] // spatial)
     inputs = []
     for prompt in range(prompts):
-        arguments = {name: torch.randn(1, *TEXT_SHAPE, generator=generator).to(device, dtype)
-                     for name in ("prompt_embeds", "negative_prompt_embeds")}
+        # the tensors of the family's call (embeddings, masks); the size and guidance are `call`'s
+        arguments = {name: value for name, value in adapter.benchmark_call(shape, device, dtype, generator).items()
+                     if isinstance(value, torch.Tensor)}
         if task == "edit":
             arguments["latents"] = torch.randn(latent_shape, generator=generator).to(device, dtype)
         inputs += [Input(f"random text embedding {prompt}", seed, arguments) for seed in range(seeds)]
@@ -531,9 +587,10 @@ class Plan:
         return self.calibrates + len(self.methods) * (options.warmup + len(self.inputs) * options.repeats)
 
 
-def plan_tasks(pipe: Any, methods: list[Method], call: dict, options: Options) -> list[Plan]:
+def plan_tasks(pipe: Any, methods: list[Method], call: dict, options: Options, model: str) -> list[Plan]:
     """Text-to-video on `pipe` and, when editing methods are asked for, video-to-video on the same
-    components, each with its unpruned reference."""
+    components, each with its unpruned reference. `model`: the RANDOM_MODELS name of a
+    random-weight pipeline (with options.random_weights)."""
     device, dtype = pipe.transformer.device, pipe.transformer.dtype
     frames, height, width = call["num_frames"], call["height"], call["width"]
     plans = []
@@ -544,7 +601,7 @@ def plan_tasks(pipe: Any, methods: list[Method], call: dict, options: Options) -
         setup = Setup(steps=call["num_inference_steps"])
         task_call = dict(call, output_type="latent" if options.random_weights else "np")
         if options.random_weights:
-            inputs = random_inputs(task, options.prompts, options.seeds, call, device, dtype)
+            inputs = random_inputs(task, options.prompts, options.seeds, call, model, device, dtype)
         elif task == "edit":
             inputs = edit_inputs(options.clips, options.seeds, frames, height, width)
         else:
@@ -649,7 +706,7 @@ def run_bench(pipe: Any, methods: list[Method], call: dict, options: Options, mo
     """Run every method (`parse_methods`) with the shared call arguments `call` (num_frames,
     height, width, num_inference_steps, guidance_scale, ...); returns the report that
     `write_report` writes, which names the `model` and the `command` that made it."""
-    plans = plan_tasks(pipe, methods, call, options)
+    plans = plan_tasks(pipe, methods, call, options, model)
     runs = []
     with tqdm(total=sum(plan.calls(options) for plan in plans), desc="vidprune bench", unit="call") as progress:
         for plan in plans:

@@ -13,8 +13,9 @@ from typing import Callable, NoReturn, Sequence, TypeVar
 
 import torch
 
-from .adapters import adapter_for
-from .bench import RANDOM_MODELS, Options, accepted_names, build_random_pipeline, default_methods, parse_methods, run_bench
+from .adapters import ADAPTERS, Adapter, adapter_for, adapter_for_pipeline, supported_pipelines
+from .bench import (RANDOM_MODELS, Options, accepted_names, benchmark_shape, build_random_pipeline, check_family,
+                    default_methods, parse_methods, run_bench)
 from .bench_report import markdown, pyplot, write_report
 from .config import LipConfig, TapeConfig
 from .demo.pipeline import DEFAULT_CALL, HEIGHT, MODEL_DIR, NUM_FRAMES, WIDTH, load_demo_pipeline
@@ -64,8 +65,9 @@ def _checked(convert: Callable[[str], T], accepted: str, ok: Callable[[T], bool]
 
 
 POSITIVE = _checked(int, "an integer >= 1", lambda v: v >= 1)
-# Wan's VAE compresses time 4x after the first frame: it takes 4k+1 frames.
-FRAMES = _checked(int, "a frame count of the form 4k+1 (1, 5, 9, 13, 17, ...), as Wan takes",
+# The VAEs compress time 4x (Wan, CogVideoX, HunyuanVideo) or 8x (LTX: 8k+1 frames, which are
+# 4k+1 too) after the first frame.
+FRAMES = _checked(int, "a frame count of the form 4k+1 (1, 5, 9, 13, 17, ...), as the models take",
                   lambda v: v >= 1 and v % 4 == 1)
 MAX_FRAMES = _checked(int, "an integer >= 5 (editing needs two latent frames)", lambda v: v >= 5)
 # 8x VAE downsampling and 2x2 transformer patches: a side must be a multiple of 16 pixels.
@@ -152,10 +154,36 @@ def demo_edit_size(args: argparse.Namespace) -> None:
 # -- loading -----------------------------------------------------------------------------------
 
 
+def check_pipeline_class(name: str, model: str, video_to_video: bool = False) -> None:
+    """Refuse a pipeline class the command cannot run (before its weights load, for a local
+    folder), naming the ones it can: text-to-video pipelines of every family for generate and
+    bench, Wan's pipelines for edit (LIP is implemented for Wan only)."""
+    text_to_video = [n for adapter in ADAPTERS for n in adapter.text_to_video_pipelines]
+    if video_to_video:
+        editing = [n for adapter in ADAPTERS if adapter.video_to_video_pipelines
+                   for n in (*adapter.text_to_video_pipelines, *adapter.video_to_video_pipelines)]
+        if name not in editing:
+            raise ValueError(f"--model {model!r} is a {name}: vidprune edit runs LIP, which is implemented for Wan "
+                             f"only; give one of {', '.join(editing)} (generate runs TAPE on {', '.join(text_to_video)})")
+    elif name not in text_to_video:
+        raise ValueError(f"--model {model!r} is a {name}, which vidprune does not generate with; supported "
+                         f"text-to-video pipelines: {', '.join(text_to_video)} (and for edit: "
+                         f"{', '.join(n for adapter in ADAPTERS for n in adapter.video_to_video_pipelines)})")
+
+
+def folder_pipeline_class(model: str) -> str | None:
+    """The pipeline class a local pipeline folder's model_index.json names (None: not a local folder)."""
+    if not Path(model).exists():
+        return None
+    return json.loads((Path(model) / "model_index.json").read_text())["_class_name"]  # model_name checked it
+
+
 def load_pipeline(model: str | None, device: str, dtype: torch.dtype, video_to_video: bool = False):
     """A supported diffusers pipeline from a local folder or hub id, or the demo pipeline; as
-    its video-to-video variant when `video_to_video`. A model that cannot be loaded, or is not
-    a Wan pipeline, is a ValueError or TypeError naming it."""
+    its family's video-to-video variant when `video_to_video`. A model that cannot be loaded,
+    or is not a supported pipeline, is a ValueError or TypeError naming it."""
+    if model is not None and folder_pipeline_class(model) is not None:
+        check_pipeline_class(folder_pipeline_class(model), model, video_to_video)
     print("loading the model...")
     if model is None:
         print(f"model: vidprune's demo Wan pipeline ({MODEL_DIR}), a small model trained on procedural clips: "
@@ -174,13 +202,17 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype, video_to_v
                              f"{type(error).__name__}: {error}") from error
     if model is not None:
         print(f"model: {model} ({type(pipe).__name__})")
+    if model is not None:
+        check_pipeline_class(type(pipe).__name__, model, video_to_video)  # a hub id: known once loaded
     if getattr(pipe, "transformer", None) is None:
-        raise ValueError(f"--model {model!r} is a {type(pipe).__name__}, which has no transformer: give a Wan pipeline")
-    adapter_for(pipe.transformer)  # other model families: a TypeError naming the supported ones
-    if video_to_video and type(pipe).__name__ != "WanVideoToVideoPipeline":
-        from diffusers import WanVideoToVideoPipeline
+        raise ValueError(f"--model {model!r} is a {type(pipe).__name__}, which has no transformer: give one of "
+                         + ", ".join(supported_pipelines()))
+    adapter = adapter_for(pipe.transformer)  # other model families: a TypeError naming the supported ones
+    editing = adapter.video_to_video_pipelines
+    if video_to_video and type(pipe).__name__ not in editing:
+        import diffusers
 
-        pipe = WanVideoToVideoPipeline.from_pipe(pipe)
+        pipe = getattr(diffusers, editing[0]).from_pipe(pipe)
     pipe = pipe.to(device)
     return pipe if dtype == pipe.transformer.dtype else pipe.to(dtype=dtype)
 
@@ -289,6 +321,8 @@ def edit(args: argparse.Namespace) -> None:
     settings = call_settings(args)
     check_edit_steps(settings["num_inference_steps"], args.strength)
     check_budget(tape, int(settings["num_inference_steps"] * args.strength))
+    if args.model is not None and folder_pipeline_class(args.model) is not None:  # before the video is read
+        check_pipeline_class(folder_pipeline_class(args.model), args.model, video_to_video=True)
     if args.model is None:
         demo_edit_size(args)
     video, height, width = source_video(args.input, args.max_frames, args.height, args.width)
@@ -328,7 +362,10 @@ def bench(args: argparse.Namespace) -> None:
     check_folder(args.out, f"--out {args.out!r}")
     random_shape = RANDOM_MODELS.get(args.model)
     fidelity = random_shape is None
-    methods = parse_methods(args.methods or default_methods(not fidelity), random_weights=not fidelity)
+    adapter = bench_family(args.model)
+    methods = parse_methods(args.methods or default_methods(not fidelity, adapter), random_weights=not fidelity)
+    if adapter is not None:
+        check_family(methods, adapter)
     args.methods = [method.name for method in methods[1:]]  # the recorded command names them all
     counts = dict(prompts=16, seeds=2, repeats=1) if fidelity else dict(prompts=1, seeds=1, repeats=2)
     counts = {key: count if getattr(args, key) is None else getattr(args, key) for key, count in counts.items()}
@@ -341,8 +378,11 @@ def bench(args: argparse.Namespace) -> None:
     else:
         call = dict(num_inference_steps=20 if args.steps is None else args.steps, guidance_scale=args.guidance)
     demo = args.model is None or _is_demo_folder(args.model)
-    sizes = dict(num_frames=(args.frames, NUM_FRAMES if demo else 81), height=(args.height, HEIGHT if demo else 480),
-                 width=(args.width, WIDTH if demo else 832))
+    if demo:
+        usual = (NUM_FRAMES, HEIGHT, WIDTH)
+    else:  # a random-weight model's own size, else its family's first published one
+        usual = benchmark_shape(random_shape)[1].video if random_shape else usual_video(adapter)
+    sizes = dict(num_frames=(args.frames, usual[0]), height=(args.height, usual[1]), width=(args.width, usual[2]))
     call.update({key: default if given is None else given for key, (given, default) in sizes.items()})
     if any(method.task == "edit" for method in methods):
         check_edit_steps(call["num_inference_steps"], args.strength)
@@ -350,9 +390,10 @@ def bench(args: argparse.Namespace) -> None:
         warn_untrained_size(call["num_frames"], call["height"], call["width"])
     if fidelity:
         pipe = load_pipeline(args.model, device, dtype)
+        check_family(methods, adapter_for(pipe.transformer))  # a hub id's family is known once loaded
     else:
-        print(f"model: {args.model}, a Wan2.1-shaped transformer ({random_shape}) with random weights in {dtype}: "
-              "real speed, no fidelity")
+        print(f"model: {args.model}, shaped as {benchmark_shape(random_shape)[1].source}, with random weights in "
+              f"{dtype}: real speed, no fidelity")
         pipe = build_random_pipeline(random_shape, device, dtype)
     words = ["vidprune", "bench"]
     for key, value in vars(args).items():
@@ -364,9 +405,30 @@ def bench(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def bench_family(model: str | None) -> Adapter | None:
+    """The family of a bench --model where it is known before loading: a random-weight name, a
+    local folder (its model_index.json), the demo model (Wan); None for a hub id."""
+    if model is None:
+        return adapter_for_pipeline("WanPipeline")
+    if model in RANDOM_MODELS:
+        return benchmark_shape(RANDOM_MODELS[model])[0]
+    name = folder_pipeline_class(model)
+    if name is None:
+        return None
+    check_pipeline_class(name, model)
+    return adapter_for_pipeline(name)
+
+
+def usual_video(adapter: Adapter | None) -> tuple[int, int, int]:
+    """Frames, height and width of the family's first published size (Wan2.1's 81 x 480 x 832 when unknown)."""
+    adapter = adapter or adapter_for_pipeline("WanPipeline")
+    return next(shape.video for shape in adapter.benchmark_shapes.values() if not shape.tiny)
+
+
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=model_name,
-                        help="local folder or hub id of a diffusers Wan pipeline (default: demo pipeline)")
+                        help="local folder or hub id of a diffusers pipeline: " + ", ".join(supported_pipelines())
+                        + " (edit: Wan's; default: the demo pipeline)")
     parser.add_argument("--steps", type=POSITIVE, help="denoising steps (default: the demo model's 25, else 25)")
     parser.add_argument("--guidance", type=NON_NEGATIVE, default=5.0, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=SEED, default=0)
@@ -392,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tape (default: token cache, refreshing selection, first 20%% of steps dense), paper "
                           "(TAPE as its paper describes it), naive per-frame pruning, random pruning, or none")
     gen.add_argument("--keep", type=FRACTION, default=0.5, help="mean fraction of video tokens kept (0, 1]")
-    gen.add_argument("--frames", type=FRAMES, default=NUM_FRAMES, help="video frames (4k+1 for Wan)")
+    gen.add_argument("--frames", type=FRAMES, default=NUM_FRAMES, help="video frames (4k+1; LTX: 8k+1)")
     gen.add_argument("--height", type=SIZE, default=HEIGHT, help=f"the demo model is trained at {WIDTH}x{HEIGHT}")
     gen.add_argument("--width", type=SIZE, default=WIDTH)
     gen.add_argument("--compare", action="store_true",
@@ -435,8 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     be.add_argument("--methods", nargs="+", metavar="METHOD",
                     help="methods to run (default: all of the issue's list for the model)")
-    be.add_argument("--model", type=model_name, help="local folder or hub id of a diffusers Wan pipeline, or a random-weight Wan2.1 "
-                    f"transformer for speed only: {', '.join(RANDOM_MODELS)} (default: the demo pipeline)")
+    be.add_argument("--model", type=model_name, help="local folder or hub id of a diffusers pipeline ("
+                    + ", ".join(supported_pipelines()) + "), or a random-weight model of a published size for speed "
+                    f"only: {', '.join(RANDOM_MODELS)} (default: the demo pipeline)")
     # bench.Options checks the counts, also before any model loads.
     be.add_argument("--prompts", type=int, help="text-to-video prompts (default 16; 1 on random weights)")
     be.add_argument("--seeds", type=int, help="seeds per prompt or clip (default 2; 1 on random weights)")
@@ -444,9 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--repeats", type=int, help="timed calls per method and input (default 1; 2 on random weights)")
     be.add_argument("--warmup", type=int, default=1, help="untimed calls per method before timing")
     be.add_argument("--strength", type=FRACTION, default=0.7, help="editing strength (0, 1]")
-    be.add_argument("--frames", type=FRAMES, help=f"video frames (default: {NUM_FRAMES} for the demo model, else 81)")
-    be.add_argument("--height", type=SIZE, help=f"default: {HEIGHT} for the demo model, else 480")
-    be.add_argument("--width", type=SIZE, help=f"default: {WIDTH} for the demo model, else 832")
+    be.add_argument("--frames", type=FRAMES, help=f"video frames (default: {NUM_FRAMES} for the demo model, else the family's usual, e.g. 81 for Wan)")
+    be.add_argument("--height", type=SIZE, help=f"default: {HEIGHT} for the demo model, else the family's usual (Wan: 480)")
+    be.add_argument("--width", type=SIZE, help=f"default: {WIDTH} for the demo model, else the family's usual (Wan: 832)")
     be.add_argument("--steps", type=POSITIVE,
                     help="denoising steps (default: the demo model's 25; 20 on random weights)")
     be.add_argument("--guidance", type=NON_NEGATIVE, default=5.0, help="classifier-free guidance scale")

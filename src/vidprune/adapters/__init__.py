@@ -21,6 +21,18 @@ def supported_classes() -> list[str]:
     return [cls.__name__ for adapter in ADAPTERS for cls in adapter.model_classes]
 
 
+def supported_pipelines() -> list[str]:
+    """The pipeline classes the CLI loads: every family's text-to-video ones, and Wan's video-to-video."""
+    return [name for adapter in ADAPTERS for name in (*adapter.text_to_video_pipelines,
+                                                       *adapter.video_to_video_pipelines)]
+
+
+def adapter_for_pipeline(name: str) -> Adapter | None:
+    """The adapter of a pipeline class name (None: no family has it)."""
+    return next((adapter for adapter in ADAPTERS
+                 if name in adapter.text_to_video_pipelines or name in adapter.video_to_video_pipelines), None)
+
+
 def adapter_for(model: torch.nn.Module) -> Adapter:
     """The adapter of a transformer, or UnsupportedModelError naming what is supported."""
     for adapter in ADAPTERS:
@@ -32,4 +44,5 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "UnsupportedModelError", "adapter_for", "supported_classes"]
+__all__ = ["ADAPTERS", "Adapter", "UnsupportedModelError", "adapter_for", "adapter_for_pipeline", "supported_classes",
+           "supported_pipelines"]

@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..tokens import TokenGrid
+
+
+@dataclass(frozen=True)
+class BenchmarkShape:
+    """A random-weight model of a published size, for speed benchmarks (latency does not
+    depend on the weights). `bench.build_random_pipeline` builds it from these numbers alone."""
+
+    family: str  # the model family as benchmarks name it, e.g. "wan2.1"
+    config: dict  # the diffusers transformer's config (its __init__ keyword arguments)
+    video: tuple[int, int, int]  # the usual call: frames, height, width in pixels
+    text: tuple[int, int]  # the prompt embedding the pipeline passes: tokens, width
+    vae: tuple[int, int]  # the VAE's (temporal, spatial) compression: the latent geometry
+    source: str  # where the numbers come from
+    tiny: bool = False  # a few-layer model for CPU tests, not a published size
+    experts: int = 1  # transformers of the pipeline (Wan2.2 A14B: two experts)
+    guidance_scale: float = 5.0  # the pipeline's usual guidance (CFG, or embedded guidance)
+    notes: tuple[str, ...] = field(default=())  # what a reader of the numbers must know
+
+
+def random_text(shape: BenchmarkShape, prompts: int, generator: torch.Generator, device: str,
+                dtype: torch.dtype) -> list[torch.Tensor]:
+    """`prompts` random prompt embeddings (1, tokens, width) of `shape`, drawn on the CPU so that
+    every device gets the same numbers."""
+    return [torch.randn(1, *shape.text, generator=generator).to(device, dtype) for _ in range(prompts)]
 
 
 class Adapter:
@@ -38,6 +63,26 @@ class Adapter:
     #: `_cp_plan` splits the video tokens into equal contiguous chunks before the first block
     #: (with every per-token block input) and gathers them after the last
     supports_context_parallel: bool = False
+    #: the family's text-to-video pipeline classes (what `vidprune generate --model` loads)
+    text_to_video_pipelines: tuple[str, ...] = ()
+    #: whether every `vidprune bench` method runs on the family; else TAPE and FirstBlockCache
+    #: only (the other caches are set up with Wan's module names and call order, LIP is Wan's)
+    runs_every_bench_method: bool = False
+    #: random-weight models of the family's published sizes, by name (`BenchmarkShape`)
+    benchmark_shapes: dict[str, BenchmarkShape] = {}
+
+    def benchmark_pipeline(self, transformers: list[torch.nn.Module], shape: BenchmarkShape) -> Any:
+        """The family's text-to-video pipeline around random-weight `transformers`, with no text
+        encoder and no VAE (calls pass prompt embeddings and output_type="latent"), and the
+        latent geometry of `shape`."""
+        raise NotImplementedError
+
+    def benchmark_call(self, shape: BenchmarkShape, device: str, dtype: torch.dtype,
+                       generator: torch.Generator) -> dict[str, Any]:
+        """The pipeline call arguments of the usual call of `shape` without the step count:
+        random prompt embeddings (and what else the pipeline takes with them), the video size,
+        the usual guidance, output_type="latent"."""
+        raise NotImplementedError
 
     def patch_size(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
         """Latent (frames, height, width) covered by one token."""

@@ -22,11 +22,26 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import CogVideoXTransformer3DModel
+from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..tokens import TokenGrid, gather_tokens
-from .base import Adapter
+from .base import Adapter, BenchmarkShape, random_text
+
+COGVIDEOX_SHAPES = {
+    # THUDM/CogVideoX-5b transformer/config.json: 42 layers, 48 heads x 64 = 3072 wide, RoPE, patch 2,
+    # time_embed_dim 512; text: T5-XXL, 226 tokens x 4096; VAE: 4x time, 8x space.
+    # 49 frames at 720x480 -> 13 x 30 x 45 = 17550 video tokens (+ 226 text tokens).
+    "cogvideox-5b": BenchmarkShape(
+        "cogvideox", dict(num_attention_heads=48, attention_head_dim=64, num_layers=42,
+                          use_rotary_positional_embeddings=True),
+        (49, 480, 720), (226, 4096), (4, 8), "THUDM/CogVideoX-5b transformer/config.json", guidance_scale=6.0),
+    "cogvideox-tiny": BenchmarkShape(
+        "cogvideox", dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+                          text_embed_dim=16, num_layers=6, sample_width=16, sample_height=16, sample_frames=9,
+                          max_text_seq_length=16, use_rotary_positional_embeddings=True),
+        (9, 128, 128), (16, 16), (4, 8), "vidprune's tiny test shape", tiny=True, guidance_scale=6.0),
+}
 
 
 def _heads(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -40,6 +55,23 @@ class CogVideoXAdapter(Adapter):
     supports_block_cache = False
     returns_text_stream = True
     guidance_batched = True
+    text_to_video_pipelines = ("CogVideoXPipeline",)
+    benchmark_shapes = COGVIDEOX_SHAPES
+
+    def benchmark_pipeline(self, transformers: list[torch.nn.Module], shape: BenchmarkShape) -> Any:
+        # The scheduler sets the timesteps only, which do not change a forward's speed.
+        pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformers[0],
+                                 scheduler=CogVideoXDDIMScheduler(timestep_spacing="trailing"))
+        pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial = shape.vae
+        return pipe
+
+    def benchmark_call(self, shape: BenchmarkShape, device: str, dtype: torch.dtype,
+                       generator: torch.Generator) -> dict[str, Any]:
+        positive, negative = random_text(shape, 2, generator, device, dtype)
+        frames, height, width = shape.video
+        return dict(prompt_embeds=positive, negative_prompt_embeds=negative, guidance_scale=shape.guidance_scale,
+                    num_frames=frames, height=height, width=width, max_sequence_length=shape.text[0],
+                    output_type="latent")
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return transformer.transformer_blocks

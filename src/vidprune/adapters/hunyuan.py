@@ -26,11 +26,31 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import HunyuanVideoTransformer3DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..tokens import gather_tokens
-from .base import Adapter
+from .base import Adapter, BenchmarkShape, random_text
+
+HUNYUAN_SHAPES = {
+    # hunyuanvideo-community/HunyuanVideo transformer/config.json (diffusers' defaults are this
+    # model): 20 dual-stream + 40 single-stream blocks, 24 heads x 128 = 3072 wide, patch 1x2x2;
+    # text: LLaVA-Llama-3 256 tokens x 4096 and CLIP-L pooled 768; VAE: 4x time, 8x space.
+    # 129 frames at 960x544 -> 33 x 34 x 60 = 67320 video tokens (+ 256 text tokens).
+    "hunyuanvideo-13b": BenchmarkShape(
+        "hunyuanvideo", dict(num_attention_heads=24, attention_head_dim=128, num_layers=20, num_single_layers=40,
+                             num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, text_embed_dim=4096,
+                             pooled_projection_dim=768, rope_axes_dim=(16, 56, 56), guidance_embeds=True),
+        (129, 544, 960), (256, 4096), (4, 8), "hunyuanvideo-community/HunyuanVideo transformer/config.json",
+        guidance_scale=6.0,
+        notes=("hunyuanvideo-13b: guidance-distilled: one forward per step (embedded guidance, no true CFG), as "
+               "HunyuanVideoPipeline runs by default",)),
+    "hunyuanvideo-tiny": BenchmarkShape(
+        "hunyuanvideo", dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+                             num_single_layers=2, num_refiner_layers=1, text_embed_dim=16, pooled_projection_dim=8,
+                             rope_axes_dim=(4, 6, 6)),
+        (9, 128, 128), (16, 16), (4, 8), "vidprune's tiny test shape", tiny=True, guidance_scale=6.0),
+}
 
 # The names the two block kinds give the RoPE argument.
 _ROPE_ARGUMENTS = ("freqs_cis", "image_rotary_emb")
@@ -42,6 +62,25 @@ class HunyuanVideoAdapter(Adapter):
     supports_block_cache = False
     returns_text_stream = True
     guidance_batched = False
+    text_to_video_pipelines = ("HunyuanVideoPipeline",)
+    benchmark_shapes = HUNYUAN_SHAPES
+
+    def benchmark_pipeline(self, transformers: list[torch.nn.Module], shape: BenchmarkShape) -> Any:
+        pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformers[0], vae=None,
+                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
+                                    tokenizer_2=None)
+        pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial = shape.vae
+        return pipe
+
+    def benchmark_call(self, shape: BenchmarkShape, device: str, dtype: torch.dtype,
+                       generator: torch.Generator) -> dict[str, Any]:
+        (embeds,) = random_text(shape, 1, generator, device, dtype)
+        pooled = torch.randn(1, shape.config["pooled_projection_dim"], generator=generator).to(device, dtype)
+        frames, height, width = shape.video
+        return dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+                    prompt_attention_mask=torch.ones(1, shape.text[0], device=device),
+                    guidance_scale=shape.guidance_scale, num_frames=frames, height=height, width=width,
+                    output_type="latent")
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         # Refused here because the pruner reads the blocks when it is built, before apply changes anything.

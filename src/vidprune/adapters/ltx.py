@@ -17,11 +17,26 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import LTXVideoTransformer3DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
 from ..tokens import TokenGrid, gather_tokens
-from .base import Adapter, cross_attention_block_flops
+from .base import Adapter, BenchmarkShape, cross_attention_block_flops, random_text
+
+LTX_SHAPES = {
+    # Lightricks/LTX-Video transformer/config.json (0.9.x 2B): 28 layers, 32 heads x 64 = 2048 wide,
+    # patch 1, 128 latent channels; text: T5-XXL, 128 tokens x 4096; VAE: 8x time, 32x space.
+    # 121 frames at 768x512 -> 16 x 16 x 24 = 6144 tokens.
+    "ltx-video-2b": BenchmarkShape(
+        "ltx", dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+                    attention_head_dim=64, cross_attention_dim=2048, num_layers=28, caption_channels=4096,
+                    qk_norm="rms_norm_across_heads"),
+        (121, 512, 768), (128, 4096), (8, 32), "Lightricks/LTX-Video transformer/config.json", guidance_scale=3.0),
+    "ltx-video-tiny": BenchmarkShape(
+        "ltx", dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=12,
+                    cross_attention_dim=24, num_layers=6, caption_channels=16),
+        (17, 128, 128), (16, 16), (8, 32), "vidprune's tiny test shape", tiny=True, guidance_scale=3.0),
+}
 
 
 def _modulation(block: torch.nn.Module, temb: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
@@ -35,6 +50,23 @@ class LTXAdapter(Adapter):
     model_classes = (LTXVideoTransformer3DModel,)
     supports_lip = False
     guidance_batched = True
+    text_to_video_pipelines = ("LTXPipeline",)
+    benchmark_shapes = LTX_SHAPES
+
+    def benchmark_pipeline(self, transformers: list[torch.nn.Module], shape: BenchmarkShape) -> Any:
+        pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                           transformer=transformers[0])
+        pipe.vae_temporal_compression_ratio, pipe.vae_spatial_compression_ratio = shape.vae
+        return pipe
+
+    def benchmark_call(self, shape: BenchmarkShape, device: str, dtype: torch.dtype,
+                       generator: torch.Generator) -> dict[str, Any]:
+        positive, negative = random_text(shape, 2, generator, device, dtype)
+        mask = torch.ones(1, shape.text[0], device=device)
+        frames, height, width = shape.video
+        return dict(prompt_embeds=positive, prompt_attention_mask=mask, negative_prompt_embeds=negative,
+                    negative_prompt_attention_mask=mask, guidance_scale=shape.guidance_scale, num_frames=frames,
+                    height=height, width=width, output_type="latent")
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return transformer.transformer_blocks

@@ -13,12 +13,35 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import WanTransformer3DModel
+from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from ..recovery import recovered_attention
 from ..tokens import gather_tokens
-from .base import Adapter, cross_attention_block_flops
+from .base import Adapter, BenchmarkShape, cross_attention_block_flops, random_text
+
+# Wan-AI/Wan2.1-T2V-{1.3B,14B}-Diffusers and Wan-AI/Wan2.2-T2V-A14B-Diffusers transformer/config.json
+# (each A14B expert has the 14B config); text: UMT5-XXL, 512 tokens x 4096; VAE: 4x time, 8x space.
+_WAN = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6)
+_WAN_1_3B = dict(_WAN, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30)
+_WAN_14B = dict(_WAN, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40)
+_WAN_TINY = dict(_WAN, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=6)
+_480P = (81, 480, 832)  # 81 frames at 832x480, Wan's 480p setting
+_SOURCE = "Wan-AI Diffusers transformer/config.json"
+WAN_SHAPES = {
+    "wan-1.3b": BenchmarkShape("wan2.1", _WAN_1_3B, _480P, (512, 4096), (4, 8), f"Wan2.1-T2V-1.3B: {_SOURCE}"),
+    # 14B is published for 480p and 720p; 480p keeps one forward near 3 s on an H200.
+    "wan-14b": BenchmarkShape("wan2.1", _WAN_14B, _480P, (512, 4096), (4, 8), f"Wan2.1-T2V-14B: {_SOURCE}",
+                              notes=("wan-14b: at 480p (the model also runs 720p)",)),
+    "wan2.2-a14b": BenchmarkShape(
+        "wan2.2", _WAN_14B, _480P, (512, 4096), (4, 8), f"Wan2.2-T2V-A14B: {_SOURCE}", experts=2, guidance_scale=4.0,
+        notes=("wan2.2-a14b: two 14B experts switching at boundary_ratio 0.875, at 480p (the model also runs 720p)",)),
+    "wan-tiny": BenchmarkShape("wan2.1", _WAN_TINY, (9, 64, 64), (512, 4096), (4, 8), "vidprune's tiny test shape",
+                               tiny=True),
+    "wan2.2-tiny": BenchmarkShape("wan2.2", _WAN_TINY, (9, 64, 64), (512, 4096), (4, 8), "vidprune's tiny test shape",
+                                  tiny=True, experts=2, guidance_scale=4.0),
+}
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, exact: bool = False) -> torch.Tensor:
@@ -119,6 +142,25 @@ class WanAdapter(Adapter):
     # WanTransformer3DModel._cp_plan: hidden states split at blocks.0, RoPE tables at the rope
     # module's output (per-token timesteps at the model input), gathered at proj_out.
     supports_context_parallel = True
+    text_to_video_pipelines = ("WanPipeline",)
+    runs_every_bench_method = True
+    benchmark_shapes = WAN_SHAPES
+
+    def benchmark_pipeline(self, transformers: list[torch.nn.Module], shape: BenchmarkShape) -> Any:
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+        # Wan2.2 A14B: `transformer` denoises t >= 0.875 * 1000, `transformer_2` the rest
+        experts = dict(transformer_2=transformers[1], boundary_ratio=0.875) if len(transformers) == 2 else {}
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler,
+                           transformer=transformers[0], **experts)
+        pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial = shape.vae
+        return pipe
+
+    def benchmark_call(self, shape: BenchmarkShape, device: str, dtype: torch.dtype,
+                       generator: torch.Generator) -> dict[str, Any]:
+        positive, negative = random_text(shape, 2, generator, device, dtype)
+        frames, height, width = shape.video
+        return dict(prompt_embeds=positive, negative_prompt_embeds=negative, guidance_scale=shape.guidance_scale,
+                    num_frames=frames, height=height, width=width, output_type="latent")
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return transformer.blocks

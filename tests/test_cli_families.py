@@ -1,0 +1,181 @@
+"""`vidprune generate --model DIR` on a local pipeline folder of every family: tiny pipelines
+saved with save_pretrained, built offline (the demo's MiniLM tokenizer stands in for each
+family's tokenizer; text encoders and VAEs are tiny random models of the family's classes)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    AutoencoderKLHunyuanVideo,
+    AutoencoderKLLTXVideo,
+    AutoencoderKLWan,
+    CogVideoXDDIMScheduler,
+    CogVideoXPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    HunyuanVideoPipeline,
+    LTXPipeline,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+
+from vidprune.bench import benchmark_shape, build_transformer
+from vidprune.cli import main
+from vidprune.demo.text_encoder import load_text_encoder
+
+SIZE = ["--frames", "9", "--device", "cpu"]
+
+
+def _t5(width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer, _ = load_text_encoder()
+    config = T5Config(vocab_size=tokenizer.vocab_size, d_model=width, num_layers=1, num_heads=2, d_kv=8, d_ff=32)
+    return tokenizer, T5EncoderModel(config).eval()
+
+
+def ltx_pipeline() -> LTXPipeline:
+    tokenizer, encoder = _t5(16)  # ltx-video-tiny's caption_channels
+    vae = AutoencoderKLLTXVideo(
+        latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
+        timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False)
+    return LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=encoder,
+                       tokenizer=tokenizer, transformer=build_transformer("ltx-video-tiny", "cpu", torch.float32))
+
+
+def cogvideox_pipeline() -> CogVideoXPipeline:
+    tokenizer, encoder = _t5(16)  # cogvideox-tiny's text_embed_dim
+    vae = AutoencoderKLCogVideoX(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                 norm_num_groups=2, temporal_compression_ratio=4).eval()
+    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae,
+                             transformer=build_transformer("cogvideox-tiny", "cpu", torch.float32),
+                             scheduler=CogVideoXDDIMScheduler(timestep_spacing="trailing"))
+
+
+def hunyuan_pipeline() -> HunyuanVideoPipeline:
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    tokenizer, _ = load_text_encoder()
+    # 3 layers: the pipeline reads the hidden states 2 layers before the last
+    llama = LlamaModel(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2)).eval()
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=8, intermediate_size=16,
+                                        num_hidden_layers=1, num_attention_heads=2, projection_dim=8,
+                                        max_position_embeddings=77)).eval()
+    vae = AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                    norm_num_groups=2).eval()
+    return HunyuanVideoPipeline(text_encoder=llama, tokenizer=tokenizer, text_encoder_2=clip, tokenizer_2=tokenizer,
+                                transformer=build_transformer("hunyuanvideo-tiny", "cpu", torch.float32), vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+
+
+def wan22_pipeline() -> WanPipeline:
+    """Wan2.2 A14B-style: two experts split at boundary_ratio, with the demo's text encoder."""
+    tokenizer, encoder = load_text_encoder()
+    config = dict(benchmark_shape("wan2.2-tiny")[1].config, text_dim=encoder.config.hidden_size)
+    experts = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        experts.append(WanTransformer3DModel(**config).eval())
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, scheduler=scheduler,
+                       transformer=experts[0], transformer_2=experts[1], boundary_ratio=0.875)
+
+
+# builder, frame side in pixels (LTX takes multiples of 32), steps (Wan2.2: the expert switch is a
+# dense step too, so 3 steps could not average keep 0.5)
+FAMILIES = {"LTXPipeline": (ltx_pipeline, 32, 3), "CogVideoXPipeline": (cogvideox_pipeline, 64, 3),
+            "HunyuanVideoPipeline": (hunyuan_pipeline, 64, 3), "WanPipeline": (wan22_pipeline, 64, 6)}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Each family's tiny pipeline saved to its own folder."""
+    root = tmp_path_factory.mktemp("families")
+    saved = {}
+    for name, (build, _, _) in FAMILIES.items():
+        torch.manual_seed(0)
+        build().save_pretrained(root / name)
+        saved[name] = root / name
+    return saved
+
+
+def run(arguments: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(arguments)
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_generate_runs_tape_on_a_pipeline_folder_of_every_family(folders, name, tmp_path, capsys):
+    import imageio.v2 as imageio
+
+    _, pixels, steps = FAMILIES[name]
+    output = tmp_path / "clip.mp4"
+    code, out, err = run(["generate", "a red ball", "--model", str(folders[name]), "--height", str(pixels), "--width",
+                          str(pixels), "--steps", str(steps), "-o", str(output), *SIZE], capsys)
+    assert code == 0, err
+    assert f"({name})" in out and "mean keep 0.500" in out
+    frames = imageio.mimread(output)
+    assert len(frames) == 9 and frames[0].shape == (pixels, pixels, 3)
+    # vidprune's stats table: one row per step; the dense ones keep 1.00: the first step, and for
+    # Wan2.2 the step where the second expert takes over (so both experts ran, patched)
+    dense = re.findall(r"^\s+\d+\s+[\d.]+\s+1\.00\s", out, flags=re.MULTILINE)
+    assert len(dense) == (2 if name == "WanPipeline" else 1)
+
+
+@pytest.mark.parametrize("name", ["LTXPipeline", "HunyuanVideoPipeline"])
+def test_edit_is_wan_only_and_says_so_before_loading(folders, name, tmp_path, capsys, monkeypatch):
+    import vidprune.cli as cli
+
+    monkeypatch.setattr(cli, "read_video", lambda *a, **k: pytest.fail("the video was read before the refusal"))
+    code, _, err = run(["edit", str(tmp_path / "in.mp4"), "--prompt", "x", "--model", str(folders[name]), "-o",
+                        str(tmp_path / "out.mp4"), "--steps", "3", "--device", "cpu"], capsys)
+    assert code == 2 and f"is a {name}: vidprune edit runs LIP, which is implemented for Wan only" in err
+    assert "WanPipeline, WanVideoToVideoPipeline" in err and "LTXPipeline" in err
+
+
+def test_an_unsupported_pipeline_folder_lists_the_supported_ones(tmp_path, capsys):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "MochiPipeline"}))
+    code, _, err = run(["generate", "x", "--model", str(tmp_path), "-o", str(tmp_path / "c.mp4"), "--steps", "3", *SIZE],
+                       capsys)
+    assert code == 2 and "is a MochiPipeline, which vidprune does not generate with" in err
+    for supported in ("WanPipeline", "LTXPipeline", "CogVideoXPipeline", "HunyuanVideoPipeline"):
+        assert supported in err
+
+
+def test_bench_refuses_wan_only_methods_on_another_family(folders, tmp_path, capsys):
+    code, _, err = run(["bench", "--model", str(folders["LTXPipeline"]), "--methods", "taylor:3", "--out",
+                        str(tmp_path / "b")], capsys)
+    assert code == 2 and "'taylor:3' is not accepted on a LTXVideoTransformer3DModel" in err
+    code, _, err = run(["bench", "--model", "cogvideox-tiny-random", "--methods", "lip:0.4", "--out",
+                        str(tmp_path / "b")], capsys)
+    assert code == 2 and "'lip:0.4' is not accepted on a CogVideoXTransformer3DModel" in err
+
+
+@pytest.mark.parametrize("model", ["ltx-video-tiny-random", "hunyuanvideo-tiny-random"])
+def test_bench_runs_tape_and_first_block_cache_on_other_families_random_weights(model, tmp_path, capsys):
+    code, out, err = run(["bench", "--model", model, "--steps", "5", "--device", "cpu", "--warmup", "0",
+                          "--repeats", "1", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "bench.json").read_text())
+    methods = report["tasks"]["generate"]["methods"]
+    # the default list, less what is set up for Wan only; at the random model's own size
+    assert "fbc-fixed:2" in methods and "tape:0.5+fbc-fixed:2" in methods and "taylor:3" not in methods
+    assert methods["tape:0.5"]["mean_keep"] == pytest.approx(0.5)
+    assert methods["fbc-fixed:2"]["forwards_per_call"] == 5
+    assert report["call"]["num_frames"] == (17 if model.startswith("ltx") else 9)
