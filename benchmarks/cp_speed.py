@@ -30,7 +30,6 @@ import torch.distributed as dist
 
 import vidprune
 from vidprune.bench import ForwardTimer, benchmark_shape, build_transformer
-from vidprune.interframe import keep_mask
 
 # Latent (frames, height, width) per resolution: 81 frames -> 21 latent frames, 8x spatial.
 RESOLUTIONS = {

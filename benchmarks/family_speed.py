@@ -43,7 +43,8 @@ import vidprune
 from vidprune.adapters import ADAPTERS
 from vidprune.bench import (ForwardTimer, benchmark_shape, build_random_pipeline, detach, enable_first_block_cache,
                             environment, transformers_of)
-from vidprune.block_times import BlockTimes, time_ms
+from vidprune.bench.block_times import BlockTimes
+from vidprune.bench.timing import time_ms
 from vidprune.runtime import bind_arguments
 from vidprune.schedule import plan_keeps
 from vidprune.selection import kept_per_frame

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import vidprune
-from vidprune.bench import Setup, cache_config, calibrate_mag_ratios, generation_inputs
+from vidprune.bench import MethodContext, cache_config, calibrate_mag_ratios, generation_inputs
 from vidprune.demo.measure import object_colour, object_direction
 from diffusers import WanPipeline
 from vidprune.demo.pipeline import DEFAULT_CALL, MODEL_DIR, load_demo_pipeline
@@ -147,7 +147,7 @@ def main() -> None:
         for mode in batches:
             videos, times = run_all(mode)
             references[mode] = (videos, statistics.median(times))
-        setup = Setup(steps=call["num_inference_steps"])
+        setup = MethodContext(steps=call["num_inference_steps"])
         if any(cache and cache[0] == "mag" for _, cache in table.values()):
             setup.mag_ratios = calibrate_mag_ratios(pipe, lambda: generate([0], 0), setup.steps)
         rows = []

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vidprune
-from vidprune.bench import Setup, attach, detach, fixed_lip_mask, parse_method, parse_methods
+from vidprune.bench import MethodContext, attach, detach, fixed_lip_mask, parse_method, parse_methods
 from vidprune.cli import main
 
 from conftest import block_tokens, run
@@ -90,7 +90,7 @@ def test_tape_stacked_with_first_block_cache_prunes_and_skips(clean):
         reference = run(pipe, "t2v", num_inference_steps=4)
         full = tokens[0][1]
         tokens.clear()
-        attach(pipe, parse_method("naive:0.5+fbc-fixed:2"), Setup(steps=4))
+        attach(pipe, parse_method("naive:0.5+fbc-fixed:2"), MethodContext(steps=4))
         stacked = run(pipe, "t2v", num_inference_steps=4)
         assert vidprune.stats(pipe).mean_keep == pytest.approx(0.5)
         detach(pipe)
@@ -111,7 +111,7 @@ def test_fixed_lip_mask_prunes_the_requested_share():
 def test_remove_refuses_to_break_a_cache_enabled_after_vidprune(clean):
     pipe = clean["t2v"]
     reference = run(pipe, "t2v", num_inference_steps=3)
-    attach(pipe, parse_method("tape:0.5+fbc-fixed:2"), Setup(steps=3))
+    attach(pipe, parse_method("tape:0.5+fbc-fixed:2"), MethodContext(steps=3))
     with pytest.raises(ValueError, match="disable_cache"):
         vidprune.remove(pipe)
     detach(pipe)  # cache first, then vidprune

@@ -16,7 +16,8 @@ import torch
 from .adapters import ADAPTERS, Adapter, adapter_for, adapter_for_pipeline, supported_pipelines
 from .bench import (RANDOM_MODELS, Options, accepted_names, benchmark_shape, build_random_pipeline, check_family,
                     default_methods, parse_methods, run_bench)
-from .bench_report import markdown, pyplot, write_report
+from .bench.methods import tape_config as registry_tape_config
+from .bench.report import markdown, pyplot, write_report
 from .config import LipConfig, TapeConfig
 from .demo.pipeline import DEFAULT_CALL, HEIGHT, MODEL_DIR, NUM_FRAMES, WIDTH, load_demo_pipeline
 from .extras import MissingExtraError
@@ -30,16 +31,8 @@ EDIT_METHODS = ("none", "lip", "lip-noar", "lip-tape")
 
 
 def tape_config(method: str, keep: float) -> TapeConfig | None:
-    """The configuration behind a --method name (None: unpruned)."""
-    if method == "none":
-        return None
-    if method == "tape":
-        return TapeConfig(keep=keep)
-    if method == "paper":
-        return TapeConfig.paper(keep)
-    if method == "naive":
-        return TapeConfig.naive(keep)
-    return TapeConfig.random(keep)
+    """The configuration behind a --method name (None: unpruned), from the bench registry."""
+    return None if method == "none" else registry_tape_config(method, keep)
 
 
 # -- argument checks: argparse `type=` functions, so every value is refused while parsing, before

@@ -27,10 +27,10 @@ from .tokens import TokenGrid
 
 
 @dataclass(frozen=True)
-class LipPlan:
-    """What a keep mask means for the runtime, computed once per call."""
+class LipMask:
+    """What LIP's keep mask means for the runtime, computed once per call."""
 
-    keep: torch.Tensor  # (tokens,) bool, union over the batch's videos
+    computed: torch.Tensor  # (tokens,) bool: the tokens LIP computes (union over the batch's videos)
     index: torch.Tensor  # (1, kept) sorted kept token indices
     reference: torch.Tensor  # (tokens,) each token's reference (kept tokens: themselves)
     keys: RecoveryKeys | None  # key positions of recovered attention over all kept tokens (None: no recovery)
@@ -41,7 +41,7 @@ class LipState(CallState):
     def reset(self, pipeline: Any = None) -> None:
         super().reset(pipeline)
         self.encoded: list[torch.Tensor] = []  # VAE encodings seen during the call
-        self.plan: LipPlan | None = None
+        self.lip_mask: LipMask | None = None
         self.clean: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per text: per layer (k, v)
         self.recording: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.tape: TapeState | None = None  # TAPE's per-call state when LipConfig.tape is set
@@ -131,12 +131,12 @@ class LipPruner(TokenPruner):
                              "LIP's kept tokens are not balanced over the ranks): use LIP alone, or TAPE alone")
 
     # -- per forward --------------------------------------------------------------------
-    def wants_forward(self) -> bool:
+    def handles_forward(self) -> bool:
         return self.state.recording is None
 
     def plan_forward(self, current: ForwardState) -> None:
-        plan = self._plan(current)
-        keep = plan.index.shape[1] / current.grid.size
+        lip_mask = self._lip_mask(current)
+        keep = lip_mask.index.shape[1] / current.grid.size
         current.active = keep < 1.0
         tape = self.state.tape
         if tape is not None:
@@ -162,16 +162,16 @@ class LipPruner(TokenPruner):
         return self.state.tape.memory_of(self.transformer, span_start, self.state.current.branch)
 
     def select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor:
-        current, plan = self.state.current, self.state.plan
-        index = plan.index if span.start < self.first_tape_layer else self._tape_select(block, inputs, span)
-        if self.config.recovery and index is plan.index:
-            current.span.recovery_keys = plan.keys
+        current, lip_mask = self.state.current, self.state.lip_mask
+        index = lip_mask.index if span.start < self.first_tape_layer else self._tape_select(block, inputs, span)
+        if self.config.recovery and index is lip_mask.index:
+            current.span.recovery_keys = lip_mask.keys
         elif self.config.recovery:
             # The CFG partner call reuses the selection (the same tensor), so it reuses its keys too.
             cached = self.state.tape_keys.get(span.start)
             if cached is None or cached[0] is not index:
-                computed = torch.zeros_like(plan.keep).index_fill_(0, index[0], True)
-                keys = recovery_keys(computed, plan.reference, current.grid, self.config.duplicates)
+                computed = torch.zeros_like(lip_mask.computed).index_fill_(0, index[0], True)
+                keys = recovery_keys(computed, lip_mask.reference, current.grid, self.config.duplicates)
                 cached = self.state.tape_keys[span.start] = (index, keys)
             current.span.recovery_keys = cached[1]
         return index
@@ -179,19 +179,20 @@ class LipPruner(TokenPruner):
     def _tape_select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor:
         """TAPE's selection among LIP's kept tokens: every LIP-kept token while the span's
         memory is empty or the step is dense."""
-        current, plan, tape = self.state.current, self.state.plan, self.state.tape
+        current, lip_mask, tape = self.state.current, self.state.lip_mask, self.state.tape
         if current.tape_keep >= 1.0:
-            return plan.index
+            return lip_mask.index
         memory = self._memory(span.start) if self._remembers_now() else None
         if memory is not None and not memory.filled:
-            return plan.index
+            return lip_mask.index
         if self.reused is not None and span.start in self.reused:
             return self.reused[span.start]
         if tape.config.refreshes and memory.compared_input is None:
-            return plan.index  # this branch has no history to select with
+            return lip_mask.index  # this branch has no history to select with
         if self.state.candidates is None:  # once per call: LIP-pruned tokens hold stale states, no say as queries
             queries = tape.queries(current.grid, inputs["hidden_states"].device)
-            self.state.candidates = Candidates(plan.keep, plan.frame_counts, plan.reference, queries[plan.keep[queries]])
+            self.state.candidates = Candidates(lip_mask.computed, lip_mask.frame_counts, lip_mask.reference,
+                                               queries[lip_mask.computed[queries]])
         index = self.selector(block, inputs, tape, current, span.start, current.tape_keep, memory, self.state.candidates)
         self.selections[span.start] = index
         return index
@@ -200,7 +201,7 @@ class LipPruner(TokenPruner):
         if span.start < self.first_tape_layer or not self._remembers_now():
             return super().finish_span(span, open_span, kept_output)
         tape = self.config.tape
-        index = None if open_span.index is self.state.plan.index else open_span.index
+        index = None if open_span.index is self.state.lip_mask.index else open_span.index
         # With index None (every LIP-kept token computed), the LIP-pruned rows pass unchanged;
         # nothing reads them: they are restored at the model output.
         full = super().finish_span(span, open_span, kept_output) if index is None else kept_output
@@ -220,7 +221,7 @@ class LipPruner(TokenPruner):
     def finish_forward(self, current: ForwardState, output: Any) -> Any:
         sample = output[0] if isinstance(output, tuple) else output.sample
         restored = restore_from_references(
-            sample, self.adapter.noisy_latents(self.transformer, current.inputs), self.state.plan.reference,
+            sample, self.adapter.noisy_latents(self.transformer, current.inputs), self.state.lip_mask.reference,
             self.adapter.patch_size(self.transformer), current.sigma, self.config.restore,
         )
         if isinstance(output, tuple):
@@ -236,10 +237,10 @@ class LipPruner(TokenPruner):
         return self.state.clean[self.state.current.branch][layer]
 
     # -- helpers ------------------------------------------------------------------------
-    def _plan(self, current: ForwardState) -> LipPlan:
+    def _lip_mask(self, current: ForwardState) -> LipMask:
         state, grid = self.state, current.grid
-        if state.plan is not None and state.plan.keep.shape[0] == grid.size:
-            return state.plan
+        if state.lip_mask is not None and state.lip_mask.computed.shape[0] == grid.size:
+            return state.lip_mask
         noisy = self.adapter.noisy_latents(self.transformer, current.inputs)
         patch = self.adapter.patch_size(self.transformer)
         if any(size % p for size, p in zip(noisy.shape[2:], patch)):
@@ -253,8 +254,8 @@ class LipPruner(TokenPruner):
             reference = self._reference(keep, grid)
         keys = recovery_keys(keep, reference, grid, self.config.duplicates) if self.config.recovery else None
         counts = tuple(keep.view(grid.frames, -1).sum(dim=1).tolist())
-        state.plan = LipPlan(keep, keep.nonzero().view(1, -1), reference, keys, counts)
-        return state.plan
+        state.lip_mask = LipMask(keep, keep.nonzero().view(1, -1), reference, keys, counts)
+        return state.lip_mask
 
     @staticmethod
     def _reference(keep: torch.Tensor, grid: TokenGrid) -> torch.Tensor:

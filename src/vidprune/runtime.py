@@ -170,7 +170,7 @@ class TokenPruner:
         """Whether the span's records keep the kept indices."""
         return getattr(self.config, "record_selections", False)
 
-    def wants_forward(self) -> bool:
+    def handles_forward(self) -> bool:
         """False while the method runs a forward of its own that must not be pruned."""
         return True
 
@@ -195,7 +195,7 @@ class TokenPruner:
 
     # -- transformer level --------------------------------------------------------------
     def begin_forward(self, inputs: dict[str, Any]) -> None:
-        if not self.wants_forward():
+        if not self.handles_forward():
             return
         if self.graph_factory is not None and torch.is_grad_enabled():
             # A replay records no autograd graph: gradients through it would be silently wrong.
@@ -214,7 +214,7 @@ class TokenPruner:
 
     def end_forward(self, output: Any) -> Any:
         current = self.state.current
-        if current is None or not self.wants_forward():
+        if current is None or not self.handles_forward():
             return output
         record = current.record
         span_at = {layer: span for span in record.spans for layer in range(span.start, span.end + 1)}
@@ -233,7 +233,7 @@ class TokenPruner:
     # -- block level --------------------------------------------------------------------
     def run_block(self, block: torch.nn.Module, forward: Callable, span: Span, layer: int, args: tuple, kwargs: dict):
         current = self.state.current
-        if current is None or not current.active or not self.wants_forward():
+        if current is None or not current.active or not self.handles_forward():
             return forward(*args, **kwargs)
         inputs = bind_arguments(type(block).forward, args, kwargs)
         if layer == span.start:

@@ -21,13 +21,13 @@ from .tokens import TokenGrid, scatter_tokens
 
 
 class TapeState(CallState):
-    """Per-call TAPE state: the step plan, the last selections (for the CFG partner call), the
+    """Per-call TAPE state: the keep of every step, the last selections (for the CFG partner call), the
     query sample and every span's memory of its tokens."""
 
     def reset(self, pipeline: Any = None) -> None:
         super().reset(pipeline)
         self.step_sigmas: list[float] | None = None
-        self.plan: list[float] | None = None
+        self.step_keeps: list[float] | None = None
         # (sigma, batch, {span start: index}) of the last forward, for its CFG partner call.
         self.last_selections: tuple[float, int, dict[int, torch.Tensor]] | None = None
         self._queries: dict[tuple[TokenGrid, torch.device], torch.Tensor] = {}
@@ -39,16 +39,16 @@ class TapeState(CallState):
         `adapter` says where the pipeline switches transformers (their memories start empty)."""
         if self.scheduler is None:
             return None, keep_at(self.config, sigma)
-        if self.plan is None:
+        if self.step_keeps is None:
             # The first forward of the call: its steps are the scheduler's from this one on
             # (video-to-video starts part way down the schedule).
             timesteps = self.scheduler.timesteps.tolist()
             all_sigmas = [t / self.num_train_timesteps for t in timesteps]
             first = min(range(len(all_sigmas)), key=lambda i: abs(all_sigmas[i] - sigma))
             self.step_sigmas = all_sigmas[first:]
-            self.plan = plan_keeps(self.config, self.step_sigmas, adapter.model_starts(self.pipeline, timesteps[first:]))
+            self.step_keeps = plan_keeps(self.config, self.step_sigmas, adapter.model_starts(self.pipeline, timesteps[first:]))
         step = min(range(len(self.step_sigmas)), key=lambda i: abs(self.step_sigmas[i] - sigma))
-        return step, self.plan[step]
+        return step, self.step_keeps[step]
 
     def selections_for(self, sigma: float, batch: int, pruning: bool) -> tuple[dict[int, torch.Tensor] | None, dict]:
         """For a new forward: the selections of this step's first CFG call to reuse (None if this

@@ -112,7 +112,7 @@ class WanRecoveryProcessor:
         shard = current.shard if current is not None else None
         gather = (lambda x: x) if shard is None else shard.gather
         if recording:  # clean pass over all tokens: keep the kept tokens' keys and values
-            kept = state.plan.index if shard is None else shard.local_index(state.plan.index)
+            kept = state.lip_mask.index if shard is None else shard.local_index(state.lip_mask.index)
             state.recording.append((gather(key[:, kept[0]]), gather(value[:, kept[0]])))
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         key, value = gather(key), gather(value)

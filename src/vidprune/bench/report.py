@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .bench import UNPRUNED
-from .extras import require
+from ..extras import require
+from .methods import UNPRUNED
 
 TASK_TITLES = {"generate": "Text-to-video", "edit": "Video editing (video-to-video)"}
 COLUMNS = ("method", "settings", "call s (median)", "speedup", "forward ms (median)", "forward ms (mean)", "mean keep",

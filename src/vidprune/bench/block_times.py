@@ -10,36 +10,14 @@ compare measured pruned forwards with that ideal.
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any, Callable
 
 import torch
 
-from .adapters import adapter_for
-from .runtime import bind_arguments
-from .stats import ForwardRecord
-
-
-def time_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1, cuda: bool | None = None) -> list[float]:
-    """Milliseconds of each of `repeats` calls of fn after `warmup` calls: CUDA events on a GPU
-    (`cuda`: default, whether CUDA is available), perf_counter on a CPU."""
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            started = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - started) * 1000)
-    return times
+from ..adapters import adapter_for
+from ..runtime import bind_arguments
+from ..stats import ForwardRecord
+from .timing import time_ms
 
 
 class BlockTimes:
