@@ -3,27 +3,66 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence, TypeVar
+from typing import NoReturn, Sequence
 
 import torch
 
-from .adapters import ADAPTERS, Adapter, adapter_for, adapter_for_pipeline, supported_pipelines
-from .bench import (RANDOM_MODELS, Options, accepted_names, benchmark_shape, build_random_pipeline, check_family,
-                    default_methods, parse_methods, run_bench)
+from .adapters import (
+    Adapter,
+    adapter_for,
+    adapter_for_pipeline,
+    supported_pipelines,
+)
+from .bench import (
+    RANDOM_MODELS,
+    Options,
+    accepted_names,
+    benchmark_shape,
+    build_random_pipeline,
+    check_family,
+    default_methods,
+    parse_methods,
+    run_bench,
+)
 from .bench.methods import tape_config as registry_tape_config
 from .bench.report import markdown, pyplot, write_report
+from .cli_arguments import (
+    FRACTION,
+    FRAMES,
+    MAX_FRAMES,
+    NON_NEGATIVE,
+    OPEN_FRACTION,
+    POSITIVE,
+    SEED,
+    SIZE,
+    check_budget,
+    check_edit_steps,
+    demo_edit_size,
+    device_name,
+    model_name,
+    warn_untrained_size,
+)
+from .cli_loading import (
+    _device,
+    _is_demo_folder,
+    call_settings,
+    check_pipeline_class,
+    folder_pipeline_class,
+    load_pipeline,
+)
 from .config import LipConfig, TapeConfig
-from .demo.pipeline import DEFAULT_CALL, HEIGHT, MODEL_DIR, NUM_FRAMES, WIDTH, load_demo_pipeline
+from .demo.pipeline import (
+    HEIGHT,
+    NUM_FRAMES,
+    WIDTH,
+)
 from .extras import MissingExtraError
 from .interframe import LipDetection
 from .patch import apply, remove, stats
-from .schedule import plan_keeps
 from .video_io import check_folder, check_output_path, read_video, write_video
 
 METHODS = ("none", "tape", "paper", "naive", "random")
@@ -33,207 +72,6 @@ EDIT_METHODS = ("none", "lip", "lip-noar", "lip-tape")
 def tape_config(method: str, keep: float) -> TapeConfig | None:
     """The configuration behind a --method name (None: unpruned), from the bench registry."""
     return None if method == "none" else registry_tape_config(method, keep)
-
-
-# -- argument checks: argparse `type=` functions, so every value is refused while parsing, before
-# any model loads; argparse names the flag in front of the message.
-
-T = TypeVar("T")
-
-
-def _checked(convert: Callable[[str], T], accepted: str, ok: Callable[[T], bool]) -> Callable[[str], T]:
-    """A `type=` that converts the text and refuses values that are not `ok`, saying what is accepted."""
-
-    def check(text: str) -> T:
-        try:
-            value = convert(text)
-            good = ok(value)
-        except ValueError:  # not a number at all
-            good = False
-        if not good:
-            raise argparse.ArgumentTypeError(f"{text} is not accepted: give {accepted}")
-        return value
-
-    return check
-
-
-POSITIVE = _checked(int, "an integer >= 1", lambda v: v >= 1)
-# The VAEs compress time 4x (Wan, CogVideoX, HunyuanVideo) or 8x (LTX: 8k+1 frames, which are
-# 4k+1 too) after the first frame.
-FRAMES = _checked(int, "a frame count of the form 4k+1 (1, 5, 9, 13, 17, ...), as the models take",
-                  lambda v: v >= 1 and v % 4 == 1)
-MAX_FRAMES = _checked(int, "an integer >= 5 (editing needs two latent frames)", lambda v: v >= 5)
-# 8x VAE downsampling and 2x2 transformer patches: a side must be a multiple of 16 pixels.
-SIZE = _checked(int, "a positive multiple of 16 (16, 32, ..., 128, ...)", lambda v: v >= 16 and v % 16 == 0)
-FRACTION = _checked(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
-OPEN_FRACTION = _checked(float, "a number in (0, 1)", lambda v: 0 < v < 1)
-NON_NEGATIVE = _checked(float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
-SEED = _checked(int, "an integer in [0, 2**64 - 1]", lambda v: 0 <= v < 2**64)  # torch.Generator's range
-
-
-def _devices() -> list[str]:
-    """The devices this machine has, as --device names them."""
-    names = ["cpu"]
-    if torch.cuda.is_available():
-        names += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
-    if torch.backends.mps.is_available():
-        names.append("mps")
-    return names
-
-
-def device_name(text: str) -> str:
-    """A `type=` for --device: cpu, cuda, cuda:N or mps, if this machine has it."""
-    if text in _devices():
-        return text
-    reason = "no CUDA GPU is available" if text.startswith("cuda") and not torch.cuda.is_available() else (
-        f"{text} is not a device of this machine")
-    raise argparse.ArgumentTypeError(f"{reason}; accepted here: {', '.join(_devices())}")
-
-
-def model_name(text: str) -> str:
-    """A `type=` for --model: a hub id, or a local folder whose model_index.json names a pipeline class."""
-    if not Path(text).exists():
-        return text  # a hub id: diffusers looks it up when loading
-    index = Path(text) / "model_index.json"
-    try:
-        entries = json.loads(index.read_text())
-    except (OSError, ValueError) as error:
-        raise argparse.ArgumentTypeError(f"{text} is not a diffusers pipeline folder: could not read {index} "
-                                         f"({error})") from error
-    if not isinstance(entries, dict) or "_class_name" not in entries:
-        raise argparse.ArgumentTypeError(f"{text} is not a diffusers pipeline folder: {index} names no pipeline "
-                                         "class (_class_name)")
-    return text
-
-
-def check_edit_steps(steps: int, strength: float) -> None:
-    """Editing runs the last int(steps * strength) of the steps: refuse a product below one,
-    which diffusers would only fail on after encoding the video."""
-    if int(steps * strength) < 1:
-        raise ValueError(f"--strength {strength} with {steps} steps runs no denoising step: give --strength >= "
-                         f"{1 / steps:.3g} or more --steps")
-
-
-def check_budget(config: TapeConfig | None, steps: int) -> None:
-    """Refuse, before loading, a mean keep that the call's steps cannot meet (a few steps and
-    the dense first ones): the schedule's own message says what to change."""
-    if config is not None:
-        plan_keeps(config, [1 - i / steps for i in range(steps)])
-
-
-# -- the demo model's size ---------------------------------------------------------------------
-
-
-def warn_untrained_size(frames: int, height: int, width: int) -> None:
-    """Warn when the shipped demo model is asked for a size it was not trained at: it runs, but
-    the video may be poor, and a large size is slow on a CPU."""
-    if (frames, height, width) != (NUM_FRAMES, HEIGHT, WIDTH):
-        print(f"vidprune: warning: the demo model was trained on {NUM_FRAMES} frames at {WIDTH}x{HEIGHT}, not "
-              f"{frames} frames at {width}x{height}: expect a poorer video", file=sys.stderr)
-
-
-def demo_edit_size(args: argparse.Namespace) -> None:
-    """Fill unset --height, --width and --max-frames with the demo model's trained size, which
-    keeps an edit of real footage short (832x480 and 81 frames ran no step in 15 minutes on a CPU)."""
-    trained = dict(height=HEIGHT, width=WIDTH, max_frames=NUM_FRAMES)
-    unset = {name: value for name, value in trained.items() if getattr(args, name) is None}
-    for name, value in unset.items():
-        setattr(args, name, value)
-    if unset:
-        print("demo model: " + " ".join(f"--{name.replace('_', '-')} {value}" for name, value in unset.items())
-              + " by default, the size it was trained at (the frames are resized to it)")
-
-
-# -- loading -----------------------------------------------------------------------------------
-
-
-def check_pipeline_class(name: str, model: str, video_to_video: bool = False) -> None:
-    """Refuse a pipeline class the command cannot run (before its weights load, for a local
-    folder), naming the ones it can: text-to-video pipelines of every family for generate and
-    bench, Wan's pipelines for edit (LIP is implemented for Wan only)."""
-    text_to_video = [n for adapter in ADAPTERS for n in adapter.text_to_video_pipelines]
-    if video_to_video:
-        editing = [n for adapter in ADAPTERS if adapter.video_to_video_pipelines
-                   for n in (*adapter.text_to_video_pipelines, *adapter.video_to_video_pipelines)]
-        if name not in editing:
-            raise ValueError(f"--model {model!r} is a {name}: vidprune edit runs LIP, which is implemented for Wan "
-                             f"only; give one of {', '.join(editing)} (generate runs TAPE on {', '.join(text_to_video)})")
-    elif name not in text_to_video:
-        raise ValueError(f"--model {model!r} is a {name}, which vidprune does not generate with; supported "
-                         f"text-to-video pipelines: {', '.join(text_to_video)} (and for edit: "
-                         f"{', '.join(n for adapter in ADAPTERS for n in adapter.video_to_video_pipelines)})")
-
-
-def folder_pipeline_class(model: str) -> str | None:
-    """The pipeline class a local pipeline folder's model_index.json names (None: not a local folder)."""
-    if not Path(model).exists():
-        return None
-    return json.loads((Path(model) / "model_index.json").read_text())["_class_name"]  # model_name checked it
-
-
-def load_pipeline(model: str | None, device: str, dtype: torch.dtype, video_to_video: bool = False):
-    """A supported diffusers pipeline from a local folder or hub id, or the demo pipeline; as
-    its family's video-to-video variant when `video_to_video`. A model that cannot be loaded,
-    or is not a supported pipeline, is a ValueError or TypeError naming it."""
-    if model is not None and folder_pipeline_class(model) is not None:
-        check_pipeline_class(folder_pipeline_class(model), model, video_to_video)
-    print("loading the model...")
-    if model is None:
-        print(f"model: vidprune's demo Wan pipeline ({MODEL_DIR}), a small model trained on procedural clips: "
-              "a test bed, not a product model")
-        pipe = load_demo_pipeline()
-    elif _is_demo_folder(model):  # a demo model retrained with vidprune.demo.train: no text encoder inside
-        pipe = load_demo_pipeline(model)
-    else:
-        from diffusers import DiffusionPipeline
-
-        try:
-            pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
-        except Exception as error:  # diffusers raises many types for a folder that is not a pipeline
-            where = "" if Path(model).exists() else "there is no such folder, and as a hub id: "
-            raise ValueError(f"could not load a diffusers pipeline from --model {model!r}: {where}"
-                             f"{type(error).__name__}: {error}") from error
-    if model is not None:
-        print(f"model: {model} ({type(pipe).__name__})")
-    if model is not None:
-        check_pipeline_class(type(pipe).__name__, model, video_to_video)  # a hub id: known once loaded
-    if getattr(pipe, "transformer", None) is None:
-        raise ValueError(f"--model {model!r} is a {type(pipe).__name__}, which has no transformer: give one of "
-                         + ", ".join(supported_pipelines()))
-    adapter = adapter_for(pipe.transformer)  # other model families: a TypeError naming the supported ones
-    editing = adapter.video_to_video_pipelines
-    if video_to_video and type(pipe).__name__ not in editing:
-        import diffusers
-
-        pipe = getattr(diffusers, editing[0]).from_pipe(pipe)
-    pipe = pipe.to(device)
-    return pipe if dtype == pipe.transformer.dtype else pipe.to(dtype=dtype)
-
-
-def _is_demo_folder(model: str) -> bool:
-    """A local WanPipeline folder saved without its text encoder, as vidprune's demo model is."""
-    try:
-        index = json.loads((Path(model) / "model_index.json").read_text())
-    except (OSError, ValueError):  # no such file, or not JSON: not a demo folder (diffusers says what is wrong)
-        return False
-    return (isinstance(index, dict) and index.get("_class_name") == "WanPipeline"
-            and index.get("text_encoder") in (None, [None, None]))
-
-
-def _device(requested: str | None) -> tuple[str, torch.dtype]:
-    device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
-
-
-def call_settings(args: argparse.Namespace) -> dict:
-    """Steps, guidance and text length: the demo model's own when it is used, else the
-    command's defaults."""
-    demo = args.model is None or _is_demo_folder(args.model)
-    steps = DEFAULT_CALL["num_inference_steps"] if demo else 25
-    settings = dict(num_inference_steps=steps if args.steps is None else args.steps, guidance_scale=args.guidance)
-    if demo:
-        settings["max_sequence_length"] = DEFAULT_CALL["max_sequence_length"]
-    return settings
 
 
 # -- commands ----------------------------------------------------------------------------------

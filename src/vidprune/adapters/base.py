@@ -81,8 +81,12 @@ class Adapter:
                        generator: torch.Generator) -> dict[str, Any]:
         """The pipeline call arguments of the usual call of `shape` without the step count:
         random prompt embeddings (and what else the pipeline takes with them), the video size,
-        the usual guidance, output_type="latent"."""
-        raise NotImplementedError
+        the usual guidance, output_type="latent". By default a CFG pipeline's: prompt and
+        negative prompt embeddings."""
+        positive, negative = random_text(shape, 2, generator, device, dtype)
+        frames, height, width = shape.video
+        return dict(prompt_embeds=positive, negative_prompt_embeds=negative, guidance_scale=shape.guidance_scale,
+                    num_frames=frames, height=height, width=width, output_type="latent")
 
     def patch_size(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
         """Latent (frames, height, width) covered by one token."""

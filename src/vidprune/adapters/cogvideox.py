@@ -26,7 +26,7 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransf
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..tokens import TokenGrid, gather_tokens
-from .base import Adapter, BenchmarkShape, random_text
+from .base import Adapter, BenchmarkShape
 
 COGVIDEOX_SHAPES = {
     # THUDM/CogVideoX-5b transformer/config.json: 42 layers, 48 heads x 64 = 3072 wide, RoPE, patch 2,
@@ -67,11 +67,7 @@ class CogVideoXAdapter(Adapter):
 
     def benchmark_call(self, shape: BenchmarkShape, device: str, dtype: torch.dtype,
                        generator: torch.Generator) -> dict[str, Any]:
-        positive, negative = random_text(shape, 2, generator, device, dtype)
-        frames, height, width = shape.video
-        return dict(prompt_embeds=positive, negative_prompt_embeds=negative, guidance_scale=shape.guidance_scale,
-                    num_frames=frames, height=height, width=width, max_sequence_length=shape.text[0],
-                    output_type="latent")
+        return {**super().benchmark_call(shape, device, dtype, generator), "max_sequence_length": shape.text[0]}
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return transformer.transformer_blocks

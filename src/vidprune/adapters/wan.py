@@ -18,7 +18,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from ..recovery import recovered_attention
 from ..tokens import gather_tokens
-from .base import Adapter, BenchmarkShape, cross_attention_block_flops, random_text
+from .base import Adapter, BenchmarkShape, cross_attention_block_flops
 
 # Wan-AI/Wan2.1-T2V-{1.3B,14B}-Diffusers and Wan-AI/Wan2.2-T2V-A14B-Diffusers transformer/config.json
 # (each A14B expert has the 14B config); text: UMT5-XXL, 512 tokens x 4096; VAE: 4x time, 8x space.
@@ -154,13 +154,6 @@ class WanAdapter(Adapter):
                            transformer=transformers[0], **experts)
         pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial = shape.vae
         return pipe
-
-    def benchmark_call(self, shape: BenchmarkShape, device: str, dtype: torch.dtype,
-                       generator: torch.Generator) -> dict[str, Any]:
-        positive, negative = random_text(shape, 2, generator, device, dtype)
-        frames, height, width = shape.video
-        return dict(prompt_embeds=positive, negative_prompt_embeds=negative, guidance_scale=shape.guidance_scale,
-                    num_frames=frames, height=height, width=width, output_type="latent")
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return transformer.blocks
