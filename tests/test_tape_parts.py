@@ -234,3 +234,15 @@ def test_state_across_steps_needs_a_pipeline(changes):
         vidprune.apply(model, vidprune.TapeConfig(**changes))
     assert vidprune.stats(vidprune.apply(model, vidprune.TapeConfig.paper())) is not None
     vidprune.remove(model)
+
+
+def test_conditional_half_takes_the_second_half_of_every_batched_input():
+    from vidprune.tape import conditional_half
+
+    batch = torch.arange(4 * 3).view(4, 3).float()  # a batch of 4: two prompts x [uncond; cond]
+    rope = (torch.randn(4, 5, 2), torch.randn(4, 5, 2))  # per-sample tables, as LTX's
+    shared = torch.randn(5, 2)  # no batch dimension (CogVideoX's RoPE tables): left as it is
+    half = conditional_half({"hidden_states": batch, "rotary_emb": rope, "table": shared, "n": 3}, batch=4)
+    assert torch.equal(half["hidden_states"], batch[2:])
+    assert all(torch.equal(h, r[2:]) for h, r in zip(half["rotary_emb"], rope))
+    assert half["table"] is shared and half["n"] == 3

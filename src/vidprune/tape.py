@@ -115,8 +115,14 @@ class Selector:
         attention = None
         if config.attention_weight > 0:
             queries = candidates.queries if candidates is not None else state.queries(grid, hidden_states.device)
-            attention = token_scores(self.adapter, block, inputs, config, queries, current.sigma, span_start, grid,
+            halved = candidates is None and shard is None and self.batched_guidance(state)
+            # Batched CFG: only the conditional half's selection is used (below), so only that
+            # half is scored (the importance was a third of CogVideoX-5B's pruned forward).
+            scored = conditional_half(inputs, hidden_states.shape[0]) if halved else inputs
+            attention = token_scores(self.adapter, block, scored, config, queries, current.sigma, span_start, grid,
                                      shard)
+            if halved:
+                attention = attention.repeat(2, 1)
             if candidates is not None:
                 attention = attention[:, candidates.reference]
             attention = smooth_over_time(attention, grid, config.temporal_sigma, config.temporal_radius)
@@ -149,6 +155,20 @@ class Selector:
         """Whether the forward carries both CFG branches as [unconditional; conditional] halves
         of its batch and shares one selection between them."""
         return self.config.share_cfg_selection and self.adapter.guidance_in_batch(state.pipeline)
+
+
+def conditional_half(inputs: dict[str, Any], batch: int) -> dict[str, Any]:
+    """A forward's block inputs restricted to the conditional (second) half of a batch of
+    [unconditional; conditional] samples: every tensor (alone or in a tuple, like RoPE tables)
+    whose leading dimension is the batch; the rest as it is."""
+    def half(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            return value.chunk(2)[1]
+        if isinstance(value, tuple):
+            return tuple(half(item) for item in value)
+        return value
+
+    return {name: half(value) for name, value in inputs.items()}
 
 
 def check_graphs(config: TapeConfig) -> None:
