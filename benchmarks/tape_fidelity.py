@@ -36,23 +36,20 @@ import numpy as np
 import torch
 
 import vidprune
-from vidprune.bench import MethodContext, cache_config, calibrate_mag_ratios, generation_inputs
+from vidprune.bench import MethodContext, cache_config, calibrate_mag_ratios, generation_inputs, tape_config
 from vidprune.demo.measure import object_colour, object_direction
 from diffusers import WanPipeline
 from vidprune.demo.pipeline import DEFAULT_CALL, MODEL_DIR, load_demo_pipeline
 from vidprune.metrics import fidelity_summary
 
-T = vidprune.TapeConfig
-
-
 def methods() -> dict[str, tuple[vidprune.TapeConfig | None, tuple[str, float] | None]]:
     """name -> (TAPE config or None, diffusers cache (kind, value) or None)."""
     table: dict[str, tuple] = {}
-    for keep in (0.3, 0.5, 0.7):
-        table[f"default:{keep}"] = (T(keep=keep), None)
-        table[f"paper:{keep}"] = (T.paper(keep), None)
-    table["naive:0.5"] = (T.naive(0.5), None)
-    table["random:0.5"] = (T.random(0.5), None)
+    for keep in (0.3, 0.5, 0.7):  # the named methods: the bench registry's configurations
+        table[f"default:{keep}"] = (tape_config("tape", keep), None)
+        table[f"paper:{keep}"] = (tape_config("paper", keep), None)
+    table["naive:0.5"] = (tape_config("naive", 0.5), None)
+    table["random:0.5"] = (tape_config("random", 0.5), None)
     ablations = {
         "cache-block": dict(cache="block"),
         "cache-none": dict(cache="none"),
@@ -77,13 +74,13 @@ def methods() -> dict[str, tuple[vidprune.TapeConfig | None, tuple[str, float] |
         "change-since-step": dict(change_since="step"),
     }
     for name, change in ablations.items():
-        table[f"default:0.5 {name}"] = (T(keep=0.5, **change), None)
+        table[f"default:0.5 {name}"] = (tape_config("tape", 0.5).with_(**change), None)
     for kind, values in (("mag", (0.06, 0.12, 0.24)), ("fbc", (0.05, 0.1, 0.2)), ("taylor", (3, 5))):
         for value in values:
             table[f"{kind}:{value}"] = (None, (kind, value))
     for keep, cache in ((0.5, ("fbc", 0.1)), (0.5, ("mag", 0.06)), (0.7, ("mag", 0.06)), (0.7, ("mag", 0.12)),
                         (0.7, ("mag", 0.24))):
-        table[f"default:{keep}+{cache[0]}:{cache[1]}"] = (T(keep=keep), cache)
+        table[f"default:{keep}+{cache[0]}:{cache[1]}"] = (tape_config("tape", keep), cache)
     return table
 
 
