@@ -160,8 +160,9 @@ def test_gathered_attention_mask_keeps_the_text_padding():
 
 
 @pytest.mark.parametrize("layer", [0, 2])  # a dual-stream and a single-stream block
-def test_adapter_query_key_equal_the_models_own(monkeypatch, layer):
-    model = tiny_hunyuan(seed=3)
+@pytest.mark.parametrize("condition", [None, "token_replace"])  # token_replace: the first frame modulated apart
+def test_adapter_query_key_equal_the_models_own(monkeypatch, layer, condition):
+    model = tiny_hunyuan(seed=3, **({"image_condition_type": condition} if condition else {}))
     adapter = adapter_for(model)
     block = adapter.blocks(model)[layer]
     block_inputs = {}

@@ -119,8 +119,9 @@ class HunyuanVideoAdapter(Adapter):
             # video part gathered with the kept tokens, text part (its padding) kept
             "attention_mask": torch.cat([mask[..., kept], mask[..., tokens:]], dim=-1),
         }
-        # Under both names: a span may run from the dual-stream into the single-stream blocks,
-        # and the runtime hands each block the gathered inputs among its own arguments.
+        # Under both names: a span may run from the dual-stream into the single-stream blocks.
+        # Eagerly the runtime hands each block those among its own arguments; inside a CUDA
+        # graph every block gets both and (not token_replace: refused there) **kwargs takes the other.
         gathered |= dict.fromkeys(_ROPE_ARGUMENTS, rope)
         if inputs.get("token_replace_emb") is not None:
             # The first frame's tokens keep their own modulation: count them among the kept.
