@@ -10,9 +10,6 @@ import re
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKLCogVideoX,
-    AutoencoderKLHunyuanVideo,
-    AutoencoderKLLTXVideo,
     AutoencoderKLWan,
     CogVideoXDDIMScheduler,
     CogVideoXPipeline,
@@ -28,6 +25,8 @@ from vidprune.bench import benchmark_shape, build_transformer
 from vidprune.cli import main
 from vidprune.demo.text_encoder import load_text_encoder
 
+from tiny_vaes import cogvideox_vae, hunyuan_vae, ltx_vae
+
 SIZE = ["--frames", "9", "--device", "cpu"]
 
 
@@ -41,20 +40,14 @@ def _t5(width: int):
 
 def ltx_pipeline() -> LTXPipeline:
     tokenizer, encoder = _t5(16)  # ltx-video-tiny's caption_channels
-    vae = AutoencoderKLLTXVideo(
-        latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-        layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
-        spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
-        decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
-        timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False)
-    return LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=encoder,
+    vae = ltx_vae()
+    return LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=encoder,
                        tokenizer=tokenizer, transformer=build_transformer("ltx-video-tiny", "cpu", torch.float32))
 
 
 def cogvideox_pipeline() -> CogVideoXPipeline:
     tokenizer, encoder = _t5(16)  # cogvideox-tiny's text_embed_dim
-    vae = AutoencoderKLCogVideoX(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                                 norm_num_groups=2, temporal_compression_ratio=4).eval()
+    vae = cogvideox_vae()
     return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae,
                              transformer=build_transformer("cogvideox-tiny", "cpu", torch.float32),
                              scheduler=CogVideoXDDIMScheduler(timestep_spacing="trailing"))
@@ -70,8 +63,7 @@ def hunyuan_pipeline() -> HunyuanVideoPipeline:
     clip = CLIPTextModel(CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=8, intermediate_size=16,
                                         num_hidden_layers=1, num_attention_heads=2, projection_dim=8,
                                         max_position_embeddings=77)).eval()
-    vae = AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                                    norm_num_groups=2).eval()
+    vae = hunyuan_vae()
     return HunyuanVideoPipeline(text_encoder=llama, tokenizer=tokenizer, text_encoder_2=clip, tokenizer_2=tokenizer,
                                 transformer=build_transformer("hunyuanvideo-tiny", "cpu", torch.float32), vae=vae,
                                 scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))

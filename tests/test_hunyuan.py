@@ -13,6 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vidprune
 from vidprune.adapters import adapter_for
+from vidprune.graphs import EagerReplayGraph
+from vidprune.patch import _GRAPHS_ATTRIBUTE
 from vidprune.runtime import bind_arguments, pruner_of
 
 
@@ -158,8 +160,9 @@ def test_gathered_attention_mask_keeps_the_text_padding():
 
 
 @pytest.mark.parametrize("layer", [0, 2])  # a dual-stream and a single-stream block
-def test_adapter_query_key_equal_the_models_own(monkeypatch, layer):
-    model = tiny_hunyuan(seed=3)
+@pytest.mark.parametrize("condition", [None, "token_replace"])  # token_replace: the first frame modulated apart
+def test_adapter_query_key_equal_the_models_own(monkeypatch, layer, condition):
+    model = tiny_hunyuan(seed=3, **({"image_condition_type": condition} if condition else {}))
     adapter = adapter_for(model)
     block = adapter.blocks(model)[layer]
     block_inputs = {}
@@ -216,14 +219,23 @@ def test_samples_selecting_different_tokens_are_refused():
     vidprune.remove(model)
 
 
-def test_lip_block_cache_and_token_replace_are_refused_before_anything_changes(pipe):
+def test_lip_and_block_cache_are_refused_before_anything_changes(pipe):
     mask = torch.ones(1, FRAMES, HEIGHT, WIDTH, dtype=torch.bool)
     with pytest.raises(ValueError, match="LIP is not supported on HunyuanVideoTransformer3DModel"):
         vidprune.apply(pipe, vidprune.LipConfig(mask=mask))
     with pytest.raises(ValueError, match=r"cache='block'\) is not supported on HunyuanVideoTransformer3DModel"):
         vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, cache="block"))
     assert pruner_of(pipe.transformer) is None and type(pipe) is HunyuanVideoPipeline
+
+
+def test_token_replace_with_cuda_graphs_is_refused_before_anything_changes():
+    """A captured graph would replay the first frame's kept-token count of its own selection."""
     model = tiny_hunyuan(image_condition_type="token_replace")
-    with pytest.raises(ValueError, match="token_replace' is not supported"):
+    setattr(model, _GRAPHS_ATTRIBUTE, lambda: EagerReplayGraph)  # as compile_blocks(graphs=True) marks it
+    with pytest.raises(ValueError, match="graphs=True\\) does not support HunyuanVideo's image_condition_type"):
         vidprune.apply(model, vidprune.TapeConfig.paper(keep=0.5))
     assert pruner_of(model) is None
+    delattr(model, _GRAPHS_ATTRIBUTE)
+    vidprune.apply(model, vidprune.TapeConfig.paper(keep=0.5))  # eager spans take it
+    assert pruner_of(model) is not None
+    vidprune.remove(model)

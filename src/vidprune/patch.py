@@ -109,6 +109,7 @@ def apply(target: Any, config: TapeConfig | LipConfig) -> Any:
         pruner.graph_factory = getattr(pruner.transformer, _GRAPHS_ATTRIBUTE, None)
         if pruner.graph_factory is not None:
             pruner.check_graphs()
+            pruner.adapter.check_graphs(pruner.transformer)
     remove(target)
     for pruner in pruners:
         attach(pruner)

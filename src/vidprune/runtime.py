@@ -40,6 +40,13 @@ def bind_arguments(function: Callable, args: tuple, kwargs: dict) -> dict[str, A
     return named
 
 
+def _taken(gathered: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+    """The gathered per-token inputs a block takes: those among its own arguments. A span may
+    run over blocks of two kinds that name an input differently (HunyuanVideo's RoPE tables),
+    and a block without **kwargs refuses the other kind's name."""
+    return {name: value for name, value in gathered.items() if name in inputs}
+
+
 @dataclass
 class OpenSpan:
     """The span a forward is in: its full-length input and first block's inputs, the computed
@@ -256,9 +263,9 @@ class TokenPruner:
             elif index is not None:
                 gathered = self.adapter.gather_block_inputs(inputs, index)
                 current.span.token_inputs = {k: v for k, v in gathered.items() if k != "hidden_states"}
-                inputs = {**inputs, **gathered}
+                inputs = {**inputs, **_taken(gathered, inputs)}
         else:
-            inputs = {**inputs, **current.span.token_inputs}
+            inputs = {**inputs, **_taken(current.span.token_inputs, inputs)}
         open_span = current.span
         if open_span.graphed is None:
             output = forward(**inputs)

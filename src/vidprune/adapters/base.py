@@ -88,6 +88,10 @@ class Adapter:
         return dict(prompt_embeds=positive, negative_prompt_embeds=negative, guidance_scale=shape.guidance_scale,
                     num_frames=frames, height=height, width=width, output_type="latent")
 
+    def check_graphs(self, transformer: torch.nn.Module) -> None:
+        """Raise ValueError if this model's pruned spans cannot run as CUDA graphs (a gathered
+        block input that is a Python number fixed at capture, say)."""
+
     def patch_size(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
         """Latent (frames, height, width) covered by one token."""
         raise NotImplementedError

@@ -1,4 +1,4 @@
-"""diffusers HunyuanVideoTransformer3DModel: TAPE on HunyuanVideoPipeline (text-to-video).
+"""diffusers HunyuanVideoTransformer3DModel: TAPE on HunyuanVideoPipeline and HunyuanVideoImageToVideoPipeline.
 
 The transformer takes latents (B, C, F, H, W) and patches them into frame-major tokens. It runs
 its dual-stream blocks (transformer_blocks) then its single-stream blocks
@@ -11,14 +11,21 @@ attention_mask, rope, token_replace_emb, first_frame_num_tokens) and return
 - temb: (B, D), one per sample: every block's modulation is per sample;
 - attention_mask: (B, 1, 1, N + T) bool over [video; text], False on the text padding;
 - rope: (cos, sin), each (N, head_dim) with no batch axis. The dual-stream block names it
-  `freqs_cis`, the single-stream block `image_rotary_emb`.
+  `freqs_cis`, the single-stream block `image_rotary_emb`;
+- token_replace_emb: (B, D) or None, num_tokens: int, the first frame's tokens (token_replace).
 
 Only the video stream is pruned: text tokens stay queries and keys of every block.
 HunyuanVideoPipeline embeds guidance_scale (the `guidance` input) and runs true CFG
 (true_cfg_scale > 1 with negative prompt embeddings) as a second transformer call per step.
 LIP and TAPE's cache="block" are not implemented: the attention (and, in the single-stream
-blocks, the MLP) runs on the text and video tokens joined. The image-to-video "token_replace"
-variant is refused: its blocks modulate the first frame's tokens apart, found by count.
+blocks, the MLP) runs on the text and video tokens joined.
+
+HunyuanVideoImageToVideoPipeline: with image_condition_type="latent_concat" the image latents
+and a mask join the noisy latents along channels before patching, nothing per token. With
+"token_replace" the blocks take token_replace_emb (the modulation at timestep 0) and
+num_tokens, and modulate the first num_tokens video tokens (the clean image's frame) with it:
+per-token modulation given by a count, so a span's blocks get the count of the first frame's
+tokens among the kept ones (kept indices are sorted, so those come first).
 """
 
 from __future__ import annotations
@@ -83,13 +90,14 @@ class HunyuanVideoAdapter(Adapter):
                     output_type="latent")
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
-        # Refused here because the pruner reads the blocks when it is built, before apply changes anything.
-        if transformer.config.image_condition_type == "token_replace":
-            raise ValueError(
-                "HunyuanVideo's image_condition_type='token_replace' is not supported: its blocks treat the "
-                "first frame's tokens apart by count, which pruning changes"
-            )
         return torch.nn.ModuleList([*transformer.transformer_blocks, *transformer.single_transformer_blocks])
+
+    def check_graphs(self, transformer: torch.nn.Module) -> None:
+        # A graph would replay the first frame's kept-token count of the selection it captured.
+        if transformer.config.image_condition_type == "token_replace":
+            raise ValueError("compile_blocks(graphs=True) does not support HunyuanVideo's image_condition_type="
+                             "'token_replace' (its blocks take the first frame's kept-token count as a number, which "
+                             "changes with every selection); use compile_blocks(graphs=False) or no compile_blocks")
 
     def patch_size(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
         config = transformer.config
@@ -111,10 +119,14 @@ class HunyuanVideoAdapter(Adapter):
             # video part gathered with the kept tokens, text part (its padding) kept
             "attention_mask": torch.cat([mask[..., kept], mask[..., tokens:]], dim=-1),
         }
-        # Under both names: the runtime hands a span's gathered inputs to each of its blocks by
-        # name, and a span may run from the dual-stream into the single-stream blocks. Each
-        # block takes the one it names and its **kwargs swallows the other.
-        return gathered | dict.fromkeys(_ROPE_ARGUMENTS, rope)
+        # Under both names: a span may run from the dual-stream into the single-stream blocks.
+        # Eagerly the runtime hands each block those among its own arguments; inside a CUDA
+        # graph every block gets both and (not token_replace: refused there) **kwargs takes the other.
+        gathered |= dict.fromkeys(_ROPE_ARGUMENTS, rope)
+        if inputs.get("token_replace_emb") is not None:
+            # The first frame's tokens keep their own modulation: count them among the kept.
+            gathered["num_tokens"] = int((kept < inputs["num_tokens"]).sum())
+        return gathered
 
     def query_key(
         self, block: torch.nn.Module, inputs: dict[str, Any], query_index: torch.Tensor
@@ -125,7 +137,10 @@ class HunyuanVideoAdapter(Adapter):
         # video tokens by the attention they get from video queries.
         hidden_states, temb = inputs["hidden_states"], inputs["temb"]
         norm = block.norm1 if hasattr(block, "norm1") else block.norm
-        x = norm(hidden_states, emb=temb)[0]
+        if inputs.get("token_replace_emb") is not None:  # the first frame's tokens modulated apart
+            x = norm(hidden_states, temb, inputs["token_replace_emb"], inputs["num_tokens"])[0]
+        else:
+            x = norm(hidden_states, emb=temb)[0]
         attn = block.attn
         query = attn.norm_q(attn.to_q(x[:, query_index]).unflatten(2, (attn.heads, -1)))
         key = attn.norm_k(attn.to_k(x).unflatten(2, (attn.heads, -1)))

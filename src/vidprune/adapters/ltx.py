@@ -1,11 +1,13 @@
-"""diffusers LTXVideoTransformer3DModel (LTX-Video): TAPE on LTXPipeline (and per-token timesteps, as I2V passes them).
+"""diffusers LTXVideoTransformer3DModel (LTX-Video): TAPE on LTXPipeline, LTXImageToVideoPipeline and
+LTXConditionPipeline (conditions at frame_index 0).
 
 The transformer takes packed tokens: hidden_states (B, N, C), frame-major as TokenGrid orders
 them, with the grid given by its num_frames, height and width arguments (token units: the
-pipelines pass the latent sizes with patch size 1). Block call:
+pipelines pass the latent sizes with patch size 1), or by video_coords (LTXConditionPipeline). Block call:
 block(hidden_states, encoder_hidden_states, temb, image_rotary_emb, encoder_attention_mask) where
 - hidden_states (B, N, D): video tokens only; text enters through cross-attention (attn2);
-- temb: (B, 1, 6 * D), or (B, N, 6 * D) per token when the timestep is per token (I2V);
+- temb: (B, 1, 6 * D), or (B, N, 6 * D) per token when the timestep is per token (the I2V and
+  condition pipelines give the conditioning frames' tokens their own, smaller timesteps);
 - image_rotary_emb: (cos, sin), each (B, N, D), applied before the heads are split.
 
 The pipelines batch the CFG branches into one forward, [unconditional; conditional].
@@ -76,12 +78,14 @@ class LTXAdapter(Adapter):
         return config.patch_size_t, config.patch_size, config.patch_size
 
     def token_grid(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> TokenGrid:
+        tokens = inputs["hidden_states"].shape[1]
+        if inputs.get("video_coords") is not None:  # LTXConditionPipeline; the model then ignores the sizes
+            return _grid_of_coords(inputs["video_coords"], tokens)
         sizes = [inputs.get(name) for name in ("num_frames", "height", "width")]
         if any(size is None for size in sizes):
             raise ValueError("vidprune reads LTX's token grid from the transformer's num_frames, height and width "
-                             "arguments; calls with video_coords only (LTXConditionPipeline) are not supported")
+                             "arguments, or from video_coords; this call gives neither")
         grid = TokenGrid(*(int(size) for size in sizes))
-        tokens = inputs["hidden_states"].shape[1]
         if grid.size != tokens:
             raise ValueError(f"LTX call with num_frames, height, width = {sizes} ({grid.size} tokens) but "
                              f"{tokens} tokens in hidden_states")
@@ -132,3 +136,26 @@ class LTXAdapter(Adapter):
         # diffusers' FeedForward: dim -> ffn width (4 * dim by default) -> dim
         ffn_dim = self.blocks(transformer)[0].ff.net[0].proj.out_features
         return cross_attention_block_flops(self.hidden_size(transformer), ffn_dim, tokens, context_tokens, keys)
+
+
+def _grid_of_coords(coords: torch.Tensor, tokens: int) -> TokenGrid:
+    """The token grid of LTXConditionPipeline's video_coords (batch, 3, tokens): (time, y, x) of
+    each token. TAPE's smoothing and per-frame selection need the tokens to be one frame-major
+    grid; the pipeline prepends the tokens of conditions at frame_index > 0 (and of a video
+    condition's frames past its prefix), which lie outside it, so such calls are refused."""
+    if coords.ndim != 3 or coords.shape[1] != 3 or coords.shape[2] != tokens:
+        raise ValueError(f"LTX video_coords must be (batch, 3, {tokens}) for {tokens} tokens in hidden_states, "
+                         f"got {tuple(coords.shape)}")
+    first = coords[0]
+    if not torch.equal(coords, first.expand_as(coords)):
+        raise ValueError("LTX video_coords differ between the samples of a batch: vidprune needs one token grid "
+                         "per forward")
+    axes = [torch.unique(axis) for axis in first]  # sorted distinct times, rows, columns
+    grid = TokenGrid(*(len(axis) for axis in axes))
+    layout = torch.stack(torch.meshgrid(*axes, indexing="ij")).reshape(3, -1)
+    if grid.size != tokens or not torch.equal(first, layout):
+        raise ValueError(
+            "LTX video_coords do not lay the tokens out as one frame-major grid: LTXConditionPipeline prepends the "
+            "tokens of conditions at frame_index > 0 (and of a condition video's frames past its first ones), "
+            "which vidprune does not prune around yet; conditions at frame_index 0 are supported")
+    return grid
