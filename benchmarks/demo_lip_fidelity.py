@@ -47,7 +47,8 @@ def main() -> None:
     args = parser.parse_args()
     for setting in args.settings:
         detection_for(setting)  # a bad setting fails before the long run
-    pipe = WanVideoToVideoPipeline.from_pipe(load_demo_pipeline())
+    demo = load_demo_pipeline()
+    pipe = WanVideoToVideoPipeline.from_pipe(demo, dtype=demo.transformer.dtype)
     pipe.set_progress_bar_config(disable=True)
     call = {k: v for k, v in DEFAULT_CALL.items() if k != "num_frames"}
     # rows[setting][variant] = one entry per clip

@@ -50,6 +50,16 @@ def test_the_builder_restores_the_default_dtype_and_builds_in_the_one_asked():
     assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters()))
 
 
+def test_another_pipeline_class_keeps_the_dtype():
+    """diffusers' from_pipe casts every module to float32 unless given a dtype (in place: the
+    first pipeline's too): a bf16 benchmark model must stay bf16 as a video-to-video pipeline."""
+    from diffusers import WanVideoToVideoPipeline
+
+    pipe = build_random_pipeline("wan-tiny", "cpu", torch.bfloat16, pipeline=WanVideoToVideoPipeline)
+    assert type(pipe).__name__ == "WanVideoToVideoPipeline"
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_pipelines_run_the_usual_call_on_the_shapes_latent_grid(name):
     adapter, shape = benchmark_shape(name)

@@ -75,7 +75,7 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype, video_to_v
     if video_to_video and type(pipe).__name__ not in editing:
         import diffusers
 
-        pipe = getattr(diffusers, editing[0]).from_pipe(pipe)
+        pipe = getattr(diffusers, editing[0]).from_pipe(pipe, dtype=pipe.transformer.dtype)
     pipe = pipe.to(device)
     return pipe if dtype == pipe.transformer.dtype else pipe.to(dtype=dtype)
 

@@ -45,7 +45,8 @@ def build_random_pipeline(name: str, device: str, dtype: torch.dtype = torch.bfl
     adapter, shape = benchmark_shape(name)
     pipe = adapter.benchmark_pipeline([build_transformer(name, device, dtype, seed) for seed in range(shape.experts)],
                                       shape)
-    return pipe if pipeline is None else pipeline.from_pipe(pipe)
+    # from_pipe casts every module to float32 unless told a dtype (diffusers 0.42), in place.
+    return pipe if pipeline is None else pipeline.from_pipe(pipe, dtype=dtype)
 
 
 def transformers_of(pipe: Any) -> list[torch.nn.Module]:

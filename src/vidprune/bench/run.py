@@ -93,7 +93,7 @@ def build_tasks(pipe: Any, methods: list[Method], call: dict, options: Options, 
             task_call["strength"] = options.strength
             if options.random_weights:
                 setup.lip_grid = ((frames - 1) // 4 + 1, height // 16, width // 16)
-        task_pipe = pipe if task == "generate" else WanVideoToVideoPipeline.from_pipe(pipe)
+        task_pipe = pipe if task == "generate" else WanVideoToVideoPipeline.from_pipe(pipe, dtype=pipe.transformer.dtype)
         task_pipe.set_progress_bar_config(disable=True)
         plans.append(BenchTask(task, task_pipe, [UNPRUNED, *chosen], inputs, task_call, setup))
     return plans
