@@ -114,3 +114,17 @@ def replay_matches_block(model: torch.nn.Module, block: torch.nn.Module, inputs:
     assert len(outputs) == len(adapter.branch_modules(block))
     replayed = adapter.replay_block(block, captured, captured["hidden_states"], outputs)
     return torch.equal(replayed, captured["output"]), captured
+
+
+def assert_exact_and_pruning(pipe, generate, spans: dict) -> None:
+    """keep=1.0 and remove give `generate(pipe)` bit for bit; keep 0.5 on `spans` changes it and
+    keeps half the tokens (a family's first pipeline test)."""
+    reference = generate(pipe)
+    vidprune.apply(pipe, vidprune.TapeConfig(keep=1.0))
+    assert torch.equal(generate(pipe), reference)
+    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, dense_first=0.0, **spans))
+    pruned = generate(pipe)
+    assert vidprune.stats(pipe).mean_keep == 0.5
+    assert torch.isfinite(pruned).all() and not torch.equal(pruned, reference)
+    vidprune.remove(pipe)
+    assert torch.equal(generate(pipe), reference)

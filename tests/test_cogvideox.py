@@ -15,7 +15,7 @@ from vidprune.adapters import adapter_for
 from vidprune.importance import sample_queries
 from vidprune.runtime import bind_arguments, pruner_of
 
-from conftest import SMALL_SPANS
+from conftest import SMALL_SPANS, assert_exact_and_pruning
 
 FRAMES, HEIGHT, WIDTH = 3, 8, 8  # token grid of the calls below: 192 tokens, 64 per frame
 TOKENS = FRAMES * HEIGHT * WIDTH
@@ -71,15 +71,7 @@ def generate(pipeline: CogVideoXPipeline, prompts: int = 1, **overrides) -> torc
 
 
 def test_keep_one_and_remove_bit_identical_through_the_pipeline(pipe):
-    reference = generate(pipe)
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=1.0))
-    assert torch.equal(generate(pipe), reference)
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, dense_first=0.0, **SMALL_SPANS))
-    pruned = generate(pipe)
-    assert vidprune.stats(pipe).mean_keep == 0.5
-    assert torch.isfinite(pruned).all() and not torch.equal(pruned, reference)
-    vidprune.remove(pipe)
-    assert torch.equal(generate(pipe), reference)
+    assert_exact_and_pruning(pipe, generate, SMALL_SPANS)
 
 
 @pytest.mark.parametrize("scheduler", [CogVideoXDDIMScheduler, CogVideoXDPMScheduler])
