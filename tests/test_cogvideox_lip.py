@@ -222,3 +222,18 @@ def test_refusals_name_what_is_accepted_and_change_nothing():
     with pytest.raises(ValueError, match="CogVideoXVideoToVideoPipeline.*source_latents=.*mask="):
         vidprune.apply(text_to_video, vidprune.LipConfig())
     assert pruner_of(model) is None and type(text_to_video) is CogVideoXPipeline
+
+
+def test_tape_prunes_among_lips_kept_tokens():
+    """LipConfig(tape=...): layer 0 runs on LIP's kept tokens, TAPE's spans on a share of them."""
+    model = tiny_cogvideox()
+    inputs = model_inputs(model)
+    tape = vidprune.TapeConfig.paper(keep=0.5, schedule="constant", first_pruned_layer=1, reselect_every=2)
+    vidprune.apply(model, vidprune.LipConfig(mask=example_mask(), restore="prediction", tape=tape))
+    out = model(**inputs)[0]
+    spans = vidprune.stats(model).forwards[-1].spans
+    vidprune.remove(model)
+    kept = int(example_mask().sum())
+    assert [(s.start, s.end) for s in spans] == [(0, 0), (1, 2), (3, 4), (5, 5)]
+    assert spans[0].tokens == kept and all(0 < s.tokens < kept for s in spans[1:])
+    assert torch.isfinite(out).all()
