@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -131,14 +132,15 @@ def test_generate_runs_tape_on_a_pipeline_folder_of_every_family(folders, name, 
 
 
 @pytest.mark.parametrize("name", ["LTXPipeline", "HunyuanVideoPipeline"])
-def test_edit_is_wan_only_and_says_so_before_loading(folders, name, tmp_path, capsys, monkeypatch):
+def test_edit_refuses_families_without_lip_before_loading(folders, name, tmp_path, capsys, monkeypatch):
     import vidprune.cli as cli
 
     monkeypatch.setattr(cli, "read_video", lambda *a, **k: pytest.fail("the video was read before the refusal"))
     code, _, err = run(["edit", str(tmp_path / "in.mp4"), "--prompt", "x", "--model", str(folders[name]), "-o",
                         str(tmp_path / "out.mp4"), "--steps", "3", "--device", "cpu"], capsys)
-    assert code == 2 and f"is a {name}: vidprune edit runs LIP, which is implemented for Wan only" in err
-    assert "WanPipeline, WanVideoToVideoPipeline" in err and "LTXPipeline" in err
+    assert code == 2 and f"is a {name}: vidprune edit runs LIP, which is implemented for the pipelines " in err
+    assert "WanPipeline, WanVideoToVideoPipeline, CogVideoXPipeline, CogVideoXVideoToVideoPipeline only" in err
+    assert "LTXPipeline" in err  # generate's list
 
 
 def test_an_unsupported_pipeline_folder_lists_the_supported_ones(tmp_path, capsys):
@@ -171,3 +173,20 @@ def test_bench_runs_tape_and_first_block_cache_on_other_families_random_weights(
     assert methods["tape:0.5"]["mean_keep"] == pytest.approx(0.5)
     assert methods["fbc-fixed:2"]["forwards_per_call"] == 5
     assert report["call"]["num_frames"] == (17 if model.startswith("ltx") else 9)
+
+
+def test_edit_runs_lip_on_a_cogvideox_pipeline_folder(folders, tmp_path, capsys):
+    """The folder holds a CogVideoXPipeline: edit loads it as CogVideoXVideoToVideoPipeline."""
+    import imageio.v2 as imageio
+
+    rng = np.random.default_rng(0)
+    source = tmp_path / "in.mp4"
+    imageio.mimwrite(source, [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(9)], fps=8)
+    output = tmp_path / "out.mp4"
+    code, out, err = run(["edit", str(source), "--prompt", "a red ball", "--model", str(folders["CogVideoXPipeline"]),
+                          "--steps", "3", "--method", "lip-noar", "--tau", "0.05", "-o", str(output), "--device", "cpu"],
+                         capsys)
+    assert code == 0, err
+    assert "(CogVideoXPipeline)" in out and "tokens pruned:" in out
+    frames = imageio.mimread(output)
+    assert len(frames) == 9 and frames[0].shape == (64, 64, 3)

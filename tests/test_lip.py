@@ -115,9 +115,9 @@ def test_restoration_copies_the_reference_prediction():
     prediction = torch.randn(2, 4, 4, 4, 6, generator=generator)
     noisy = torch.randn(2, 4, 4, 4, 6, generator=generator)
     as_tokens = lambda x: patches(x, (1, 2, 2)).flatten(1, 3)  # noqa: E731
-    copied = as_tokens(restore_from_references(prediction, noisy, reference, (1, 2, 2), 0.6, "prediction"))
+    copied = as_tokens(restore_from_references(prediction, noisy, reference, (1, 2, 2), (1.0, 0.6), "prediction"))
     assert torch.equal(copied, as_tokens(prediction)[:, reference])
-    x0 = as_tokens(restore_from_references(prediction, noisy, reference, (1, 2, 2), 0.6, "x0"))
+    x0 = as_tokens(restore_from_references(prediction, noisy, reference, (1, 2, 2), (1.0, 0.6), "x0"))
     clean_estimate = as_tokens(noisy) - 0.6 * x0  # the restored velocity's x0 from the token's own x_t
     reference_clean = (as_tokens(noisy) - 0.6 * as_tokens(prediction))[:, reference]
     torch.testing.assert_close(clean_estimate, reference_clean)

@@ -20,14 +20,15 @@ from .demo.pipeline import DEFAULT_CALL, MODEL_DIR, load_demo_pipeline
 def check_pipeline_class(name: str, model: str, video_to_video: bool = False) -> None:
     """Refuse a pipeline class the command cannot run (before its weights load, for a local
     folder), naming the ones it can: text-to-video pipelines of every family for generate and
-    bench, Wan's pipelines for edit (LIP is implemented for Wan only)."""
+    bench, the pipelines of the families LIP is implemented for for edit."""
     text_to_video = [n for adapter in ADAPTERS for n in adapter.text_to_video_pipelines]
     if video_to_video:
         editing = [n for adapter in ADAPTERS if adapter.video_to_video_pipelines
                    for n in (*adapter.text_to_video_pipelines, *adapter.video_to_video_pipelines)]
         if name not in editing:
-            raise ValueError(f"--model {model!r} is a {name}: vidprune edit runs LIP, which is implemented for Wan "
-                             f"only; give one of {', '.join(editing)} (generate runs TAPE on {', '.join(text_to_video)})")
+            raise ValueError(f"--model {model!r} is a {name}: vidprune edit runs LIP, which is implemented for the "
+                             f"pipelines {', '.join(editing)} only; give one of them (generate runs TAPE on "
+                             f"{', '.join(text_to_video)})")
     elif name not in text_to_video:
         raise ValueError(f"--model {model!r} is a {name}, which vidprune does not generate with; supported "
                          f"text-to-video pipelines: {', '.join(text_to_video)} (and for edit: "

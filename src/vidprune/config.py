@@ -195,7 +195,8 @@ RESTORE_MODES = ("x0", "prediction")
 
 @dataclass(frozen=True)
 class LipConfig:
-    """LIP: latent inter-frame pruning for video editing (WanVideoToVideoPipeline).
+    """LIP: latent inter-frame pruning for video editing (the video-to-video pipelines of the
+    families whose adapter implements it).
 
     Tokens of the source video that barely change from the previous latent frame are not
     computed at any denoising step; their output is restored from their reference token (the
@@ -209,11 +210,14 @@ class LipConfig:
         step) or "clean" (the reference's from a pass over the clean source latents at t=0,
         free of the reference's noise sample; costs one extra forward per call and branch).
     restore: how a pruned token's output is made: "x0" copies the reference's clean-sample
-        estimate and turns it into a velocity for the token's own noisy input (keeps the
-        token's own noise); "prediction" copies the reference's output as it is.
+        estimate and turns it into an output for the token's own noisy input (keeps the
+        token's own noise; the adapter says how the model's output gives the estimate, e.g.
+        from the scheduler's alphas_cumprod for a DDPM-style one); "prediction" copies the
+        reference's output as it is.
     source_latents: the clean source latents (batch, channels, frames, height, width), in the
         space the transformer works in, for calls that do not encode the source video
-        themselves (a pipeline given latents=..., or a bare transformer).
+        themselves (a pipeline given latents=..., or a bare transformer). Channels first for
+        every family, also where the transformer takes (batch, frames, channels, ...).
     mask: an explicit keep mask over the token grid, (frames, height, width) or
         (batch, frames, height, width) bool, instead of detection.
     tape: a TapeConfig to prune further among the tokens LIP keeps: from its first pruned

@@ -2,10 +2,12 @@
 source video's keep mask keeps, Attention Recovery in the self-attention, and restoration of
 the pruned tokens' outputs from their references.
 
-The mask comes from the clean source latents of a WanVideoToVideoPipeline call: while the
-call runs, the pipeline's VAE encoder is watched and its output (the mode of the latent
-distribution, as the pipeline uses it) normalised as the pipeline does. Or from
-LipConfig(mask=...).
+The mask comes from the clean source latents of a video-to-video pipeline call (the adapter's
+video_to_video_pipelines): while the call runs, the pipeline's VAE encoder is watched and its
+output (the mode of the latent distribution: noise-free, also where the pipeline samples it)
+normalised as the adapter says the pipeline does. Or from LipConfig(source_latents=...) or
+LipConfig(mask=...). LIP works on latents (batch, channels, frames, height, width); the adapter
+converts a model whose latents are laid out otherwise.
 """
 
 from __future__ import annotations
@@ -72,18 +74,14 @@ class LipState(CallState):
             finally:
                 del vae.encode  # the class's method shows through again
 
-    def source_latents(self) -> torch.Tensor | None:
-        """The call's clean source latents: given in the config, or the call's VAE encodings
-        normalised as the Wan pipelines normalise them."""
+    def source_latents(self, adapter: Any) -> torch.Tensor | None:
+        """The call's clean source latents (batch, channels, frames, height, width): given in the
+        config, or the call's VAE encodings normalised as the adapter's pipelines do."""
         if self.config.source_latents is not None:
             return self.config.source_latents
         if not self.encoded:
             return None
-        vae = self.pipeline.vae
-        latents = torch.cat(self.encoded)
-        mean = torch.tensor(vae.config.latents_mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1, 1)
-        std = torch.tensor(vae.config.latents_std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1, 1)
-        return (latents - mean) / std
+        return adapter.source_latents(self.pipeline, torch.cat(self.encoded))
 
 
 class LipPruner(TokenPruner):
@@ -104,6 +102,7 @@ class LipPruner(TokenPruner):
         self.reused: dict[int, torch.Tensor] | None = None  # TAPE selections of this step's first CFG call
         self.selections: dict[int, torch.Tensor] = {}
         self.selector = Selector(adapter, config.tape) if config.tape is not None else None
+        self.x0_coefficients: tuple[float, float] | None = None  # this forward's, for restore="x0"
 
     # -- processors -------------------------------------------------------------------
     def on_attach(self) -> None:
@@ -149,6 +148,10 @@ class LipPruner(TokenPruner):
             current.record.step, current.record.shared_selection = step, self.reused is not None and pruning
             keep *= tape_keep  # the share TAPE's spans compute, up to per-frame rounding
         current.record.keep = keep
+        if current.active:  # asked before the forward computes anything: a refusal changes nothing
+            timestep = float(current.inputs[self.adapter.timestep_argument].max())
+            self.x0_coefficients = (self.adapter.x0_coefficients(self.state.scheduler, timestep, current.sigma)
+                                    if self.config.restore == "x0" else None)
         if current.active and self.config.recovery and self.config.kv_source == "clean":
             self._clean_pass(current)
 
@@ -220,10 +223,12 @@ class LipPruner(TokenPruner):
 
     def finish_forward(self, current: ForwardState, output: Any) -> Any:
         sample = output[0] if isinstance(output, tuple) else output.sample
-        restored = restore_from_references(
-            sample, self.adapter.noisy_latents(self.transformer, current.inputs), self.state.lip_mask.reference,
-            self.adapter.patch_size(self.transformer), current.sigma, self.config.restore,
-        )
+        adapter = self.adapter
+        restored = adapter.from_video_layout(restore_from_references(
+            adapter.to_video_layout(sample), adapter.noisy_latents(self.transformer, current.inputs),
+            self.state.lip_mask.reference, adapter.patch_size(self.transformer), self.x0_coefficients,
+            self.config.restore,
+        ))
         if isinstance(output, tuple):
             return (restored, *output[1:])
         output.sample = restored
@@ -277,11 +282,12 @@ class LipPruner(TokenPruner):
             if not mask[:, 0].all():
                 raise ValueError("LipConfig.mask must keep every token of frame 0 (pruned tokens copy earlier frames)")
             return mask
-        source = self.state.source_latents()
+        source = self.state.source_latents(self.adapter)
         if source is None:
             raise ValueError(
-                "LIP needs the source video: run it through a video-to-video pipeline (WanVideoToVideoPipeline) "
-                "with video=..., or give LipConfig(source_latents=...) or LipConfig(mask=...)"
+                f"LIP needs the source video: run it through a video-to-video pipeline "
+                f"({', '.join(self.adapter.video_to_video_pipelines)}) with video=..., or give "
+                "LipConfig(source_latents=...) or LipConfig(mask=...)"
             )
         if tuple(source.shape[1:]) != tuple(noisy.shape[1:]) or source.shape[0] not in (1, batch):
             raise ValueError(f"source latents of shape {tuple(source.shape)} do not fit this call's latents "
@@ -297,7 +303,7 @@ class LipPruner(TokenPruner):
         state, key = self.state, current.branch
         if key in state.clean:
             return
-        source = state.source_latents()
+        source = state.source_latents(self.adapter)
         if source is None:
             raise ValueError(
                 "kv_source='clean' needs the source video: call a video-to-video pipeline with video=..., "

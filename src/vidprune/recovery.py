@@ -83,25 +83,28 @@ def restore_from_references(
     noisy: torch.Tensor,
     reference: torch.Tensor,
     patch_size: tuple[int, int, int],
-    sigma: float,
+    x0_coefficients: tuple[float, float] | None,
     mode: str,
 ) -> torch.Tensor:
     """Model output with every pruned token's prediction made from its reference token.
 
-    prediction, noisy: (B, C, F, H, W) flow-matching velocity (noise - x0) and the noisy input
-    x_t = (1 - sigma) x0 + sigma noise; reference: (tokens,) reference of every token.
-    mode "prediction" copies the reference's velocity. Mode "x0" copies the reference's clean
-    estimate x0 = x_t - sigma v and returns the velocity that leads from the token's *own* x_t to
-    it, so the token keeps its own noise sample instead of inheriting the reference's."""
+    prediction, noisy: (B, C, F, H, W) model output and its noisy input x_t; reference:
+    (tokens,) reference of every token. x0_coefficients (a, b): the clean-sample estimate is
+    x0 = a x_t - b prediction (flow-matching velocity: (1, sigma); the adapter says).
+    mode "prediction" copies the reference's prediction (x0_coefficients unused). Mode "x0"
+    copies the reference's clean estimate and returns the prediction that leads from the
+    token's *own* x_t to it, so the token keeps its own noise sample instead of inheriting the
+    reference's."""
     channels = prediction.shape[1]
     shape = patches(prediction, patch_size).shape
-    velocity = patches(prediction, patch_size).flatten(1, 3)
-    if mode == "prediction" or sigma == 0:  # at sigma 0 the velocity does not move x_t
-        copied = velocity[:, reference]
+    output = patches(prediction, patch_size).flatten(1, 3)
+    if mode == "prediction" or x0_coefficients[1] == 0:  # b = 0: the output does not move x_t
+        copied = output[:, reference]
     else:
+        a, b = x0_coefficients
         x_t = patches(noisy.to(prediction.dtype), patch_size).flatten(1, 3)
-        clean = x_t - sigma * velocity
-        copied = (x_t - clean[:, reference]) / sigma
+        clean = a * x_t - b * output
+        copied = (a * x_t - clean[:, reference]) / b
     pruned = (reference != torch.arange(reference.shape[0], device=reference.device)).view(1, -1, 1)
-    restored = torch.where(pruned, copied, velocity)  # kept tokens stay bit for bit as computed
+    restored = torch.where(pruned, copied, output)  # kept tokens stay bit for bit as computed
     return unpatch(restored.view(shape), patch_size, channels)

@@ -22,7 +22,7 @@ def supported_classes() -> list[str]:
 
 
 def supported_pipelines() -> list[str]:
-    """The pipeline classes the CLI loads: every family's text-to-video ones, and Wan's video-to-video."""
+    """The pipeline classes the CLI loads: every family's text-to-video and video-to-video ones."""
     return [name for adapter in ADAPTERS for name in (*adapter.text_to_video_pipelines,
                                                        *adapter.video_to_video_pipelines)]
 

@@ -138,6 +138,28 @@ class Adapter:
         without any conditioning channels the model takes beside them."""
         raise NotImplementedError
 
+    def to_video_layout(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents in the transformer's layout (its input and output) as (batch, channels,
+        frames, height, width), the layout LIP works in; by default they are already."""
+        return latents
+
+    def from_video_layout(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of to_video_layout."""
+        return latents
+
+    def source_latents(self, pipeline: Any, encodings: torch.Tensor) -> torch.Tensor:
+        """The clean source latents (batch, channels, frames, height, width) of a video-to-video
+        call, from the modes of the VAE encodings it made, normalised as the family's pipelines
+        normalise them before adding noise."""
+        raise NotImplementedError
+
+    def x0_coefficients(self, scheduler: Any, timestep: float, sigma: float) -> tuple[float, float]:
+        """(a, b) with which a forward's output o at noisy latents x_t gives the clean-sample
+        estimate x0 = a * x_t - b * o. `timestep` is the forward's, sigma = timestep /
+        num_train_timesteps. By default a flow-matching velocity, x_t = (1 - sigma) x0 + sigma
+        noise and o = noise - x0: (1, sigma). A ValueError when the call's scheduler does not say."""
+        return 1.0, sigma
+
     def with_noisy_latents(self, transformer: torch.nn.Module, inputs: dict[str, Any],
                            latents: torch.Tensor) -> dict[str, Any]:
         """A forward's inputs with `latents` in place of its noisy latents (conditioning kept)."""
@@ -199,3 +221,34 @@ def cross_attention_block_flops(dim: int, ffn_dim: int, tokens: int, context_tok
     cross_attention = 2 * 2 * tokens * context_tokens * dim
     feed_forward = 2 * 2 * tokens * dim * ffn_dim
     return float(projections + context_projections + self_attention + cross_attention + feed_forward)
+
+
+class WrappedProcessor:
+    """Base of the attention processors LIP installs: what `original` does whenever LIP is not
+    pruning, so the settings diffusers puts on every processor (enable_parallelism,
+    set_attention_backend) belong to the original (reading one the original lacks fails as on it)."""
+
+    def __init__(self, original: Any, pruner: Any, layer: int) -> None:
+        self.original, self.pruner, self.layer = original, pruner, layer
+
+    @property
+    def _parallel_config(self) -> Any:
+        return self.original._parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, value: Any) -> None:
+        self.original._parallel_config = value
+
+    @property
+    def _attention_backend(self) -> Any:
+        return self.original._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, value: Any) -> None:
+        self.original._attention_backend = value
+
+    def pruning(self) -> bool:
+        """Whether this call computes recovered attention (LIP prunes) or records the clean
+        pass's keys and values; else the original processor runs."""
+        state = self.pruner.state
+        return state.recording is not None or (state.current is not None and state.current.active)

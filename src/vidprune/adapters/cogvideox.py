@@ -1,4 +1,5 @@
-"""diffusers CogVideoXTransformer3DModel (CogVideoX 1.0 and 1.5): TAPE on CogVideoXPipeline.
+"""diffusers CogVideoXTransformer3DModel (CogVideoX 1.0 and 1.5): TAPE on CogVideoXPipeline, LIP on
+CogVideoXVideoToVideoPipeline.
 
 The transformer takes latents (B, F, C, H, W), frames before channels, and patches them into
 frame-major tokens (p_t latent frames per token when the config sets patch_size_t: 1.5).
@@ -11,10 +12,16 @@ returning (hidden_states, encoder_hidden_states), where
   has no RoPE (1.0 2B: absolute positions are added before the blocks).
 
 Only the video stream is pruned: text tokens stay queries and keys of every block.
-The pipeline batches the CFG branches into one forward, [unconditional; conditional].
-LIP and TAPE's cache="block" are not implemented: the attention and the feed-forward run on
-the text and video tokens joined, so their outputs are not per video token as BlockCache
-captures them.
+The pipeline batches the CFG branches into one forward, [unconditional; conditional]: LIP's
+mask is one for the batch (the union over its videos), so both halves compute the same tokens.
+LIP: the schedulers (CogVideoXDDIMScheduler, CogVideoXDPMScheduler) are DDPM-style, so
+restore="x0" reads the clean estimate from alphas_cumprod and the prediction type; Attention
+Recovery runs the joint attention over [text; kept and duplicated video tokens], text queries
+included. The video-to-video pipeline encodes the source with a sample of the VAE's latent
+distribution; LIP detects on its mode (noise-free), times vae.config.scaling_factor as the
+pipeline scales it.
+TAPE's cache="block" is not implemented: the attention and the feed-forward run on the text and
+video tokens joined, so their outputs are not per video token as BlockCache captures them.
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
 
+from ..recovery import recovered_attention
 from ..tokens import TokenGrid, gather_tokens
-from .base import Adapter, BenchmarkShape
+from .base import Adapter, BenchmarkShape, WrappedProcessor
 
 COGVIDEOX_SHAPES = {
     # THUDM/CogVideoX-5b transformer/config.json: 42 layers, 48 heads x 64 = 3072 wide, RoPE, patch 2,
@@ -49,9 +58,59 @@ def _heads(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(2, (attn.heads, -1)).transpose(1, 2)
 
 
+def _rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """CogVideoX's RoPE on x (batch, tokens, heads, head_dim) with tables (tokens, head_dim); none
+    without RoPE (1.0 2B)."""
+    return x if tables is None else apply_rotary_emb(x.transpose(1, 2), tables).transpose(1, 2)
+
+
+class CogVideoXRecoveryProcessor(WrappedProcessor):
+    """CogVideoX's joint attention with LIP's Attention Recovery: text queries and the kept
+    video queries attend to the text keys, the kept video keys and duplicates of their
+    references' keys at the pruned positions (pre-RoPE key and value, rotated at the pruned
+    token's position). Records the kept tokens' video keys and values in LIP's clean pass."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        if not self.pruning():
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if attention_mask is not None:
+            raise ValueError("LIP's Attention Recovery on CogVideoX takes no attention mask (the pipelines pass "
+                             "none): drop it from attention_kwargs, or use LipConfig(recovery=False)")
+        state, text = self.pruner.state, encoder_hidden_states.shape[1]
+        joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        # (batch, text + video tokens, heads, head_dim); norm_q / norm_k are per-head LayerNorms.
+        query, key, value = (projection(joint).unflatten(2, (attn.heads, -1))
+                             for projection in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+        if state.recording is not None:  # clean pass over all tokens: keep the kept tokens' keys and values
+            kept = state.lip_mask.index[0] + text
+            state.recording.append((key[:, kept], value[:, kept]))
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        span = state.current.span
+        keys = span.recovery_keys
+        rope = span.inputs["image_rotary_emb"]
+        if rope is not None and span.key_rope is None:  # tables at the key positions, once per span
+            span.key_rope = tuple(table[keys.positions] for table in rope)
+
+        def attend(video_query, video_key, video_value):  # rotated video parts, the text in front
+            joined = (torch.cat([part[:, :text], video], dim=1).transpose(1, 2)
+                      for part, video in ((query, video_query), (key, video_key), (value, video_value)))
+            return F.scaled_dot_product_attention(*joined, dropout_p=0.0, is_causal=False).transpose(1, 2)
+
+        clean_key, clean_value = self.pruner.clean_keys_values(self.layer)
+        output = recovered_attention(
+            query[:, text:], key[:, text:], value[:, text:], keys,
+            rotate_query=lambda q: _rotate(q, image_rotary_emb), rotate_key=lambda k: _rotate(k, span.key_rope),
+            attend=attend, duplicate_key=clean_key, duplicate_value=clean_value,
+        )
+        output = attn.to_out[1](attn.to_out[0](output.flatten(2, 3).type_as(query)))
+        return output[:, text:], output[:, :text]
+
+
 class CogVideoXAdapter(Adapter):
     model_classes = (CogVideoXTransformer3DModel,)
-    supports_lip = False
+    video_to_video_pipelines = ("CogVideoXVideoToVideoPipeline",)
     supports_block_cache = False
     returns_text_stream = True
     guidance_batched = True
@@ -86,6 +145,57 @@ class CogVideoXAdapter(Adapter):
         # guidance_scale > 1. use_dynamic_cfg rewrites the scale after each step to a value
         # >= 1: a step where it is exactly 1 would select per half (and be refused with RoPE).
         return getattr(pipeline, "guidance_scale", 1.0) > 1.0
+
+    def to_video_layout(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.transpose(1, 2)  # (B, F, C, H, W) <-> (B, C, F, H, W)
+
+    def from_video_layout(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.transpose(1, 2)
+
+    def noisy_latents(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        # CogVideoX I2V concatenates the image latents after the noisy latents along channels (dim 2).
+        return self.to_video_layout(inputs["hidden_states"][:, :, : transformer.config.out_channels])
+
+    def with_noisy_latents(self, transformer: torch.nn.Module, inputs: dict[str, Any],
+                           latents: torch.Tensor) -> dict[str, Any]:
+        hidden_states = inputs["hidden_states"]
+        condition = hidden_states[:, :, transformer.config.out_channels :]
+        latents = self.from_video_layout(latents.to(hidden_states))
+        return {**inputs, "hidden_states": torch.cat([latents, condition], dim=2)}
+
+    def source_latents(self, pipeline: Any, encodings: torch.Tensor) -> torch.Tensor:
+        # As CogVideoXVideoToVideoPipeline.prepare_latents: scaled by the VAE's scaling factor.
+        return encodings * pipeline.vae.config.scaling_factor
+
+    def x0_coefficients(self, scheduler: Any, timestep: float, sigma: float) -> tuple[float, float]:
+        # The DDPM-style schedulers' x0 from the output (their step's pred_original_sample), with
+        # alpha = alphas_cumprod[t]: v: sqrt(a) x_t - sqrt(1 - a) v; epsilon: (x_t - sqrt(1 - a) eps) / sqrt(a).
+        prediction = getattr(getattr(scheduler, "config", None), "prediction_type", None)
+        alphas = getattr(scheduler, "alphas_cumprod", None)
+        if alphas is None or prediction not in ("v_prediction", "epsilon", "sample"):
+            raise ValueError(
+                f"LipConfig(restore='x0') on CogVideoX turns the model output into a clean estimate with the "
+                f"pipeline's scheduler (alphas_cumprod and prediction_type 'v_prediction', 'epsilon' or 'sample', as "
+                f"CogVideoXDDIMScheduler and CogVideoXDPMScheduler have); this forward has "
+                f"{type(scheduler).__name__ if scheduler is not None else 'no pipeline scheduler'}: apply LIP to a "
+                f"CogVideoX pipeline, or use LipConfig(restore='prediction')"
+            )
+        alpha = float(alphas[int(round(timestep))])
+        if prediction == "v_prediction":
+            return alpha**0.5, (1 - alpha) ** 0.5
+        if prediction == "sample":
+            return 0.0, -1.0
+        if alpha == 0:
+            raise ValueError(f"LipConfig(restore='x0') with an epsilon-prediction scheduler at timestep {timestep:g}, "
+                             "where alphas_cumprod is 0 (zero terminal SNR): x0 is undefined there; use "
+                             "LipConfig(restore='prediction')")
+        return alpha**-0.5, ((1 - alpha) / alpha) ** 0.5
+
+    def self_attention(self, block: torch.nn.Module) -> torch.nn.Module:
+        return block.attn1
+
+    def recovery_processor(self, original: Any, pruner: Any, layer: int) -> Any:
+        return CogVideoXRecoveryProcessor(original, pruner, layer)
 
     def gather_block_inputs(self, inputs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
         gathered = {"hidden_states": gather_tokens(inputs["hidden_states"], index)}

@@ -18,7 +18,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from ..recovery import recovered_attention
 from ..tokens import gather_tokens
-from .base import Adapter, BenchmarkShape, cross_attention_block_flops
+from .base import Adapter, BenchmarkShape, WrappedProcessor, cross_attention_block_flops
 
 # Wan-AI/Wan2.1-T2V-{1.3B,14B}-Diffusers and Wan-AI/Wan2.2-T2V-A14B-Diffusers transformer/config.json
 # (each A14B expert has the 14B config); text: UMT5-XXL, 512 tokens x 4096; VAE: 4x time, 8x space.
@@ -69,39 +69,17 @@ def _heads(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(2, (attn.heads, -1))
 
 
-class WanRecoveryProcessor:
+class WanRecoveryProcessor(WrappedProcessor):
     """Wan self-attention with LIP's Attention Recovery: queries of the kept tokens attend to
     the kept keys plus duplicates of their references' keys at the pruned positions. Does what
     the original processor does whenever LIP is not pruning, and records the kept tokens' keys
     and values during LIP's clean pass."""
 
-    def __init__(self, original: Any, pruner: Any, layer: int) -> None:
-        self.original, self.pruner, self.layer = original, pruner, layer
-
-    # diffusers sets these on every attention processor (enable_parallelism,
-    # set_attention_backend); they belong to the original, which computes unpruned attention.
-    @property
-    def _parallel_config(self) -> Any:
-        return self.original._parallel_config
-
-    @_parallel_config.setter
-    def _parallel_config(self, value: Any) -> None:
-        self.original._parallel_config = value
-
-    @property
-    def _attention_backend(self) -> Any:
-        return self.original._attention_backend
-
-    @_attention_backend.setter
-    def _attention_backend(self, value: Any) -> None:
-        self.original._attention_backend = value
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        state = self.pruner.state
-        current = state.current
-        recording = state.recording is not None
-        if not recording and (current is None or not current.active):
+        if not self.pruning():
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        state = self.pruner.state
+        current, recording = state.current, state.recording is not None
         query = _heads(attn, attn.norm_q(_projection(attn, hidden_states, 0)))
         key = _heads(attn, attn.norm_k(_projection(attn, hidden_states, 1)))
         value = _heads(attn, _projection(attn, hidden_states, 2))
@@ -182,6 +160,13 @@ class WanAdapter(Adapter):
         hidden_states = inputs["hidden_states"]
         condition = hidden_states[:, transformer.config.out_channels :]
         return {**inputs, "hidden_states": torch.cat([latents.to(hidden_states), condition], dim=1)}
+
+    def source_latents(self, pipeline: Any, encodings: torch.Tensor) -> torch.Tensor:
+        # As WanVideoToVideoPipeline.prepare_latents: (latents - latents_mean) / latents_std per channel.
+        config = pipeline.vae.config
+        mean = torch.tensor(config.latents_mean, device=encodings.device, dtype=encodings.dtype).view(1, -1, 1, 1, 1)
+        std = torch.tensor(config.latents_std, device=encodings.device, dtype=encodings.dtype).view(1, -1, 1, 1, 1)
+        return (encodings - mean) / std
 
     def branch_modules(self, block: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
         return block.attn1, block.attn2, block.ffn
