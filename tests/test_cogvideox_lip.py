@@ -16,7 +16,7 @@ from vidprune.interframe import keep_mask, reference_index
 from vidprune.runtime import pruner_of
 from vidprune.tokens import patches
 
-from test_cogvideox import FRAMES, HEIGHT, TEXT, TOKENS, WIDTH, model_inputs, tiny_cogvideox
+from test_cogvideox import FRAMES, HEIGHT, TEXT, WIDTH, model_inputs, tiny_cogvideox
 
 V2V_GRID = (3, 4, 4)  # 9 frames at 64x64 -> 3 latent frames of 8x8 -> 3 x 4 x 4 tokens
 V2V_TOKENS = 48
