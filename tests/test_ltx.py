@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import vidprune
 from vidprune.adapters import adapter_for
 from vidprune.importance import sample_queries
-from vidprune.runtime import bind_arguments, pruner_of
+from vidprune.runtime import bind_arguments
 
 from conftest import SMALL_SPANS, assert_exact_and_pruning, replay_matches_block
 
@@ -203,13 +203,6 @@ def test_block_flops_count_the_blocks_matmuls():
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model.transformer_blocks[0](**inputs)
         assert adapter.block_flops(model, tokens, context_tokens=TEXT) == counter.get_total_flops()
-
-
-def test_lip_is_refused_before_anything_changes(pipe):
-    mask = torch.ones(1, FRAMES, HEIGHT, WIDTH, dtype=torch.bool)
-    with pytest.raises(ValueError, match="LIP is not supported on LTXVideoTransformer3DModel"):
-        vidprune.apply(pipe, vidprune.LipConfig(mask=mask))
-    assert pruner_of(pipe.transformer) is None and type(pipe) is LTXPipeline
 
 
 def test_a_call_without_the_grid_is_refused():

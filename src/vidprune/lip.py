@@ -223,10 +223,10 @@ class LipPruner(TokenPruner):
 
     def finish_forward(self, current: ForwardState, output: Any) -> Any:
         sample = output[0] if isinstance(output, tuple) else output.sample
-        adapter = self.adapter
-        restored = adapter.from_video_layout(restore_from_references(
-            adapter.to_video_layout(sample), adapter.noisy_latents(self.transformer, current.inputs),
-            self.state.lip_mask.reference, adapter.patch_size(self.transformer), self.x0_coefficients,
+        adapter, transformer, inputs = self.adapter, self.transformer, current.inputs
+        restored = adapter.from_video_layout(transformer, inputs, restore_from_references(
+            adapter.to_video_layout(transformer, inputs, sample), adapter.noisy_latents(transformer, inputs),
+            self.state.lip_mask.reference, adapter.patch_size(transformer), self.x0_coefficients,
             self.config.restore,
         ))
         if isinstance(output, tuple):

@@ -83,10 +83,11 @@ def _check_target(target: Any, config: TapeConfig | LipConfig) -> list[torch.nn.
     if isinstance(config, LipConfig) and config.mask is None and config.source_latents is None:
         editing = adapters[0].video_to_video_pipelines
         if not _is_pipeline(target) or type(target).__name__ not in editing:
-            raise ValueError(
-                f"LIP reads the source video of a video-to-video pipeline ({', '.join(editing)}); "
-                f"for a {type(target).__name__} give LipConfig(source_latents=...) or LipConfig(mask=...)"
-            )
+            # A family with no video-to-video pipeline in diffusers (LTX) takes the source as latents only.
+            source = (f"LIP reads the source video of a video-to-video pipeline ({', '.join(editing)})" if editing
+                      else f"diffusers has no video-to-video pipeline for {type(transformers[0]).__name__}")
+            raise ValueError(f"{source}; for a {type(target).__name__} give LipConfig(source_latents=...) or "
+                             "LipConfig(mask=...)")
     return transformers
 
 

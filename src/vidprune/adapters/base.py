@@ -138,12 +138,15 @@ class Adapter:
         without any conditioning channels the model takes beside them."""
         raise NotImplementedError
 
-    def to_video_layout(self, latents: torch.Tensor) -> torch.Tensor:
+    def to_video_layout(self, transformer: torch.nn.Module, inputs: dict[str, Any],
+                        latents: torch.Tensor) -> torch.Tensor:
         """Latents in the transformer's layout (its input and output) as (batch, channels,
-        frames, height, width), the layout LIP works in; by default they are already."""
+        frames, height, width), the layout LIP works in; by default they are already. `inputs`
+        are the forward's arguments by name (a model taking packed tokens reads the grid there)."""
         return latents
 
-    def from_video_layout(self, latents: torch.Tensor) -> torch.Tensor:
+    def from_video_layout(self, transformer: torch.nn.Module, inputs: dict[str, Any],
+                          latents: torch.Tensor) -> torch.Tensor:
         """Inverse of to_video_layout."""
         return latents
 

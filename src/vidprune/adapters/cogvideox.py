@@ -146,21 +146,23 @@ class CogVideoXAdapter(Adapter):
         # >= 1: a step where it is exactly 1 would select per half (and be refused with RoPE).
         return getattr(pipeline, "guidance_scale", 1.0) > 1.0
 
-    def to_video_layout(self, latents: torch.Tensor) -> torch.Tensor:
+    def to_video_layout(self, transformer: torch.nn.Module, inputs: dict[str, Any],
+                        latents: torch.Tensor) -> torch.Tensor:
         return latents.transpose(1, 2)  # (B, F, C, H, W) <-> (B, C, F, H, W)
 
-    def from_video_layout(self, latents: torch.Tensor) -> torch.Tensor:
+    def from_video_layout(self, transformer: torch.nn.Module, inputs: dict[str, Any],
+                          latents: torch.Tensor) -> torch.Tensor:
         return latents.transpose(1, 2)
 
     def noisy_latents(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         # CogVideoX I2V concatenates the image latents after the noisy latents along channels (dim 2).
-        return self.to_video_layout(inputs["hidden_states"][:, :, : transformer.config.out_channels])
+        return self.to_video_layout(transformer, inputs, inputs["hidden_states"][:, :, : transformer.config.out_channels])
 
     def with_noisy_latents(self, transformer: torch.nn.Module, inputs: dict[str, Any],
                            latents: torch.Tensor) -> dict[str, Any]:
         hidden_states = inputs["hidden_states"]
         condition = hidden_states[:, :, transformer.config.out_channels :]
-        latents = self.from_video_layout(latents.to(hidden_states))
+        latents = self.from_video_layout(transformer, inputs, latents.to(hidden_states))
         return {**inputs, "hidden_states": torch.cat([latents, condition], dim=2)}
 
     def source_latents(self, pipeline: Any, encodings: torch.Tensor) -> torch.Tensor:

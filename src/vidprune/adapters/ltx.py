@@ -11,7 +11,12 @@ block(hidden_states, encoder_hidden_states, temb, image_rotary_emb, encoder_atte
 - image_rotary_emb: (cos, sin), each (B, N, D), applied before the heads are split.
 
 The pipelines batch the CFG branches into one forward, [unconditional; conditional].
-LIP is not implemented for LTX yet (it would need the source latents in packed form).
+LIP: diffusers has no LTX video-to-video pipeline, so the source is LipConfig(source_latents=...)
+(clean latents, channels first: (B, C, F, H, W)) or LipConfig(mask=...). LIP's latents are the
+packed tokens unpacked with the grid of the forward (the packing is vidprune's `patches`, as
+LTX's pipelines pack). Flow matching: x0 = x_t - sigma v (the base class's coefficients).
+Forwards with per-token timesteps (the I2V and condition pipelines' conditioning frames) are
+refused: a token copied from a conditioning frame would need its reference's own sigma.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
-from ..tokens import TokenGrid, gather_tokens
-from .base import Adapter, BenchmarkShape, cross_attention_block_flops, random_text
+from ..recovery import recovered_attention
+from ..tokens import TokenGrid, gather_tokens, patches, unpatch
+from .base import Adapter, BenchmarkShape, WrappedProcessor, cross_attention_block_flops, random_text
 
 LTX_SHAPES = {
     # Lightricks/LTX-Video transformer/config.json (0.9.x 2B): 28 layers, 32 heads x 64 = 2048 wide,
@@ -48,9 +55,50 @@ def _modulation(block: torch.nn.Module, temb: torch.Tensor, batch: int) -> tuple
     return (table[None, None].to(temb.device) + temb.reshape(batch, temb.size(1), table.shape[0], -1)).unbind(dim=2)
 
 
+def _rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """LTX's RoPE on x (batch, tokens, heads, head_dim): the model rotates before splitting the
+    heads, with tables (batch, tokens, heads * head_dim)."""
+    return apply_rotary_emb(x.flatten(2), tables).unflatten(2, x.shape[2:])
+
+
+class LTXRecoveryProcessor(WrappedProcessor):
+    """LTX self-attention (attn1) with LIP's Attention Recovery: the kept queries attend to the
+    kept keys plus duplicates of their references' keys at the pruned positions (normalised,
+    pre-RoPE key and value, rotated at the pruned token's position). Records the kept tokens'
+    keys and values in LIP's clean pass."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if not self.pruning():
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if encoder_hidden_states is not None or attention_mask is not None or image_rotary_emb is None:
+            raise ValueError("LIP's Attention Recovery on LTX runs in the blocks' self-attention (attn1: RoPE, no "
+                             "mask, no context); use LipConfig(recovery=False) for other calls")
+        state = self.pruner.state
+        # q and k are RMS-normalised across all heads, per token: as the model, before RoPE.
+        query, key = attn.norm_q(attn.to_q(hidden_states)), attn.norm_k(attn.to_k(hidden_states))
+        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, attn.to_v(hidden_states)))
+        if state.recording is not None:  # clean pass over all tokens: keep the kept tokens' keys and values
+            kept = state.lip_mask.index[0]
+            state.recording.append((key[:, kept], value[:, kept]))
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        span = state.current.span
+        keys = span.recovery_keys
+        if span.key_rope is None:  # tables at the key positions, once per span
+            positions = keys.positions.unsqueeze(0)
+            span.key_rope = tuple(gather_tokens(table, positions) for table in span.inputs["image_rotary_emb"])
+        clean_key, clean_value = self.pruner.clean_keys_values(self.layer)
+        backend = self._attention_backend
+        output = recovered_attention(
+            query, key, value, keys,
+            rotate_query=lambda q: _rotate(q, image_rotary_emb), rotate_key=lambda k: _rotate(k, span.key_rope),
+            attend=lambda q, k, v: dispatch_attention_fn(q, k, v, dropout_p=0.0, is_causal=False, backend=backend),
+            duplicate_key=clean_key, duplicate_value=clean_value,
+        )
+        return attn.to_out[1](attn.to_out[0](output.flatten(2, 3).to(query.dtype)))
+
+
 class LTXAdapter(Adapter):
     model_classes = (LTXVideoTransformer3DModel,)
-    supports_lip = False
     guidance_batched = True
     text_to_video_pipelines = ("LTXPipeline",)
     benchmark_shapes = LTX_SHAPES
@@ -91,8 +139,38 @@ class LTXAdapter(Adapter):
                              f"{tokens} tokens in hidden_states")
         return grid
 
+    def to_video_layout(self, transformer: torch.nn.Module, inputs: dict[str, Any],
+                        latents: torch.Tensor) -> torch.Tensor:
+        grid = self.token_grid(transformer, inputs)
+        patch = self.patch_size(transformer)
+        channels = latents.shape[2] // (patch[0] * patch[1] * patch[2])
+        return unpatch(latents.view(latents.shape[0], grid.frames, grid.height, grid.width, -1), patch, channels)
+
+    def from_video_layout(self, transformer: torch.nn.Module, inputs: dict[str, Any],
+                          latents: torch.Tensor) -> torch.Tensor:
+        return patches(latents, self.patch_size(transformer)).flatten(1, 3)
+
+    def noisy_latents(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        timestep = inputs["timestep"]
+        if timestep.ndim > 1 and not torch.equal(timestep, timestep[:, :1].expand_as(timestep)):
+            raise ValueError(
+                "LIP on LTX takes one timestep per sample: this forward gives its tokens different timesteps (the "
+                "conditioning frames of LTXImageToVideoPipeline / LTXConditionPipeline), and a token copied from "
+                "a conditioning frame would need its reference's own noise level; use LTXPipeline (or a bare "
+                "transformer) with LipConfig(source_latents=...) or LipConfig(mask=...)")
+        # LTX's I2V conditions by replacing latents, not by extra channels: every channel is noisy latents.
+        return self.to_video_layout(transformer, inputs, inputs["hidden_states"])
+
+    def with_noisy_latents(self, transformer: torch.nn.Module, inputs: dict[str, Any],
+                           latents: torch.Tensor) -> dict[str, Any]:
+        hidden_states = inputs["hidden_states"]
+        return {**inputs, "hidden_states": self.from_video_layout(transformer, inputs, latents.to(hidden_states))}
+
     def self_attention(self, block: torch.nn.Module) -> torch.nn.Module:
         return block.attn1
+
+    def recovery_processor(self, original: Any, pruner: Any, layer: int) -> Any:
+        return LTXRecoveryProcessor(original, pruner, layer)
 
     def branch_modules(self, block: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
         return block.attn1, block.attn2, block.ff
