@@ -14,7 +14,7 @@ from vidprune.interframe import reference_index
 from vidprune.recovery import recovered_attention, recovery_keys, restore_from_references
 from vidprune.tokens import TokenGrid, patches
 
-from conftest import block_tokens, tiny_transformer
+from conftest import block_tokens, tiny_transformer, transformer_inputs
 
 GRID = TokenGrid(4, 2, 3)
 
@@ -207,3 +207,23 @@ def test_given_source_latents_on_a_bare_transformer_with_clean_keys():
     vidprune.remove(model)
     assert record.keep == pytest.approx(1 / 4)  # a still video: only frame 0 is computed
     assert torch.isfinite(out).all() and not torch.equal(out, reference)
+
+
+def test_x0_restore_refuses_per_token_timesteps():
+    """Wan2.2 TI2V gives its clean first frame timestep 0 and the rest the step's: restore="x0"
+    would take every reference's clean estimate at the step's noise level, so it is refused
+    before anything is computed; one timestep for all tokens, or restore="prediction", runs."""
+    model = tiny_transformer()
+    inputs = transformer_inputs(frames=3)
+    tokens = 3 * (8 // 2) * (8 // 2)
+    mask = torch.ones(3, 4, 4, dtype=torch.bool)
+    mask[1:, :2] = False  # frames 1-2 prune half their tokens
+    per_token = torch.full((1, tokens), 500.0)
+    per_token[:, :16] = 0.0  # the first latent frame: clean
+    vidprune.apply(model, vidprune.LipConfig(mask=mask))
+    with pytest.raises(ValueError, match="restore='prediction'"):
+        model(**{**inputs, "timestep": per_token})
+    assert torch.isfinite(model(**{**inputs, "timestep": torch.full((1, tokens), 500.0)})[0]).all()
+    vidprune.apply(model, vidprune.LipConfig(mask=mask, restore="prediction"))
+    assert torch.isfinite(model(**{**inputs, "timestep": per_token})[0]).all()
+    vidprune.remove(model)
