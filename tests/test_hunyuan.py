@@ -219,10 +219,7 @@ def test_samples_selecting_different_tokens_are_refused():
     vidprune.remove(model)
 
 
-def test_lip_and_block_cache_are_refused_before_anything_changes(pipe):
-    mask = torch.ones(1, FRAMES, HEIGHT, WIDTH, dtype=torch.bool)
-    with pytest.raises(ValueError, match="LIP is not supported on HunyuanVideoTransformer3DModel"):
-        vidprune.apply(pipe, vidprune.LipConfig(mask=mask))
+def test_block_cache_is_refused_before_anything_changes(pipe):
     with pytest.raises(ValueError, match=r"cache='block'\) is not supported on HunyuanVideoTransformer3DModel"):
         vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, cache="block"))
     assert pruner_of(pipe.transformer) is None and type(pipe) is HunyuanVideoPipeline

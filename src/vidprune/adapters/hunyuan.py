@@ -17,8 +17,14 @@ attention_mask, rope, token_replace_emb, first_frame_num_tokens) and return
 Only the video stream is pruned: text tokens stay queries and keys of every block.
 HunyuanVideoPipeline embeds guidance_scale (the `guidance` input) and runs true CFG
 (true_cfg_scale > 1 with negative prompt embeddings) as a second transformer call per step.
-LIP and TAPE's cache="block" are not implemented: the attention (and, in the single-stream
-blocks, the MLP) runs on the text and video tokens joined.
+TAPE's cache="block" is not implemented: the attention (and, in the single-stream blocks, the
+MLP) runs on the text and video tokens joined.
+LIP: diffusers has no HunyuanVideo video-to-video pipeline, so the source is
+LipConfig(source_latents=...) (clean latents (B, C, F, H, W), the transformer's own layout) or
+LipConfig(mask=...), on HunyuanVideoPipeline calls and bare transformers. One LIP span runs over
+both block kinds. Flow matching: x0 = x_t - sigma v (the base class's coefficients). Attention
+Recovery runs in both kinds' joint attention, over [kept and duplicated video; text], text
+queries included. The image-to-video variants are refused (see noisy_latents).
 
 HunyuanVideoImageToVideoPipeline: with image_condition_type="latent_concat" the image latents
 and a mask join the noisy latents along channels before patching, nothing per token. With
@@ -34,10 +40,12 @@ from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
+from ..recovery import recovered_attention
 from ..tokens import gather_tokens
-from .base import Adapter, BenchmarkShape, random_text
+from .base import Adapter, BenchmarkShape, WrappedProcessor, random_text
 
 HUNYUAN_SHAPES = {
     # hunyuanvideo-community/HunyuanVideo transformer/config.json (diffusers' defaults are this
@@ -63,9 +71,73 @@ HUNYUAN_SHAPES = {
 _ROPE_ARGUMENTS = ("freqs_cis", "image_rotary_emb")
 
 
+class HunyuanRecoveryProcessor(WrappedProcessor):
+    """HunyuanVideo's joint attention (both block kinds) with LIP's Attention Recovery: the kept
+    video queries and the text queries attend to the kept video keys, duplicates of their
+    references' keys at the pruned positions (pre-RoPE key and value, rotated at the pruned
+    token's position) and the text keys. Records the kept tokens' video keys and values in
+    LIP's clean pass."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if not self.pruning():
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if encoder_hidden_states is None or image_rotary_emb is None:
+            raise ValueError("LIP's Attention Recovery on HunyuanVideo runs in the blocks' joint attention (text "
+                             "tokens and RoPE given); use LipConfig(recovery=False) for other calls")
+        state, text = self.pruner.state, encoder_hidden_states.shape[1]
+        # Per token, as HunyuanVideoAttnProcessor2_0: the dual-stream blocks project the text
+        # with their own add_*_proj and norms, the single-stream blocks with the video's.
+        dual = attn.add_q_proj is not None
+        projections = ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k), (attn.to_v, None))
+        text_projections = (((attn.add_q_proj, attn.norm_added_q), (attn.add_k_proj, attn.norm_added_k),
+                             (attn.add_v_proj, None)) if dual else projections)
+        query, key, value = (_project(x, attn, hidden_states) for x in projections)
+        text_qkv = [_project(x, attn, encoder_hidden_states) for x in text_projections]
+        if state.recording is not None:  # clean pass over all tokens: keep the kept tokens' keys and values
+            kept = state.lip_mask.index[0]
+            state.recording.append((key[:, kept], value[:, kept]))
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        span = state.current.span
+        keys = span.recovery_keys
+        if span.key_rope is None:  # tables at the key positions, once per span (of both block kinds)
+            span.key_rope = tuple(table[keys.positions] for table in _rope(span.inputs))
+        # The video tokens are never masked: every key position is True, the text padding stays masked.
+        mask = None if attention_mask is None else torch.cat(
+            [attention_mask[..., :1].expand(*attention_mask.shape[:-1], keys.positions.shape[0]),
+             attention_mask[..., -text:]], dim=-1)
+        backend = self._attention_backend
+
+        def attend(video_query, video_key, video_value):  # rotated video parts, the text after them
+            joined = (torch.cat([video, part], dim=1) for video, part in
+                      zip((video_query, video_key, video_value), text_qkv))
+            return dispatch_attention_fn(*joined, attn_mask=mask, dropout_p=0.0, is_causal=False, backend=backend)
+
+        clean_key, clean_value = self.pruner.clean_keys_values(self.layer)
+        output = recovered_attention(
+            query, key, value, keys,
+            rotate_query=lambda q: apply_rotary_emb(q, image_rotary_emb, sequence_dim=1),
+            rotate_key=lambda k: apply_rotary_emb(k, span.key_rope, sequence_dim=1),
+            attend=attend, duplicate_key=clean_key, duplicate_value=clean_value,
+        )
+        output = output.flatten(2, 3).to(query.dtype)
+        video, context = output[:, :-text], output[:, -text:]
+        if getattr(attn, "to_out", None) is not None:
+            video = attn.to_out[1](attn.to_out[0](video))
+        if getattr(attn, "to_add_out", None) is not None:
+            context = attn.to_add_out(context)
+        return video, context
+
+
+def _project(projection: tuple[torch.nn.Module, torch.nn.Module | None], attn: torch.nn.Module,
+             x: torch.Tensor) -> torch.Tensor:
+    """x (B, N, D) through a linear projection and its per-head norm (if any): (B, N, heads, head_dim)."""
+    linear, norm = projection
+    x = linear(x).unflatten(2, (attn.heads, -1))
+    return x if norm is None else norm(x)
+
+
 class HunyuanVideoAdapter(Adapter):
     model_classes = (HunyuanVideoTransformer3DModel,)
-    supports_lip = False
     supports_block_cache = False
     returns_text_stream = True
     guidance_batched = False
@@ -91,6 +163,28 @@ class HunyuanVideoAdapter(Adapter):
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         return torch.nn.ModuleList([*transformer.transformer_blocks, *transformer.single_transformer_blocks])
+
+    def noisy_latents(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        condition = transformer.config.image_condition_type
+        if condition is not None:
+            # latent_concat: the image latents and mask ride along the channels; token_replace:
+            # the first frame is the clean image, modulated at timestep 0, so a token copied
+            # from it would need its own noise level. Neither is worked out for LIP.
+            raise ValueError(
+                f"LIP on HunyuanVideo supports the text-to-video transformer (image_condition_type None, as "
+                f"HunyuanVideoPipeline runs it); this one has image_condition_type={condition!r} "
+                f"(HunyuanVideoImageToVideoPipeline), which LIP does not support: use TAPE (vidprune.TapeConfig) there")
+        return inputs["hidden_states"]
+
+    def with_noisy_latents(self, transformer: torch.nn.Module, inputs: dict[str, Any],
+                           latents: torch.Tensor) -> dict[str, Any]:
+        return {**inputs, "hidden_states": latents.to(inputs["hidden_states"])}
+
+    def self_attention(self, block: torch.nn.Module) -> torch.nn.Module:
+        return block.attn
+
+    def recovery_processor(self, original: Any, pruner: Any, layer: int) -> Any:
+        return HunyuanRecoveryProcessor(original, pruner, layer)
 
     def check_graphs(self, transformer: torch.nn.Module) -> None:
         # A graph would replay the first frame's kept-token count of the selection it captured.
