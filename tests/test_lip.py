@@ -227,3 +227,16 @@ def test_x0_restore_refuses_per_token_timesteps():
     vidprune.apply(model, vidprune.LipConfig(mask=mask, restore="prediction"))
     assert torch.isfinite(model(**{**inputs, "timestep": per_token})[0]).all()
     vidprune.remove(model)
+
+
+def test_a_family_without_lip_is_refused_before_anything_changes(monkeypatch):
+    """Every family has LIP today; an adapter that sets supports_lip=False (a new family whose LIP
+    hooks are not written yet) gets a clear refusal instead of a NotImplementedError mid-call."""
+    from vidprune.adapters.wan import WanAdapter
+
+    monkeypatch.setattr(WanAdapter, "supports_lip", False)
+    model = tiny_transformer()
+    with pytest.raises(ValueError, match="WanTransformer3DModel"):
+        vidprune.apply(model, vidprune.LipConfig(mask=torch.ones(3, 4, 4, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="not applied"):  # the refusal changed nothing
+        vidprune.stats(model)
