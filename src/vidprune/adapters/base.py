@@ -250,6 +250,13 @@ class WrappedProcessor:
     def _attention_backend(self, value: Any) -> None:
         self.original._attention_backend = value
 
+    def record_clean(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """The clean pass (LipConfig(kv_source="clean")): keep the kept tokens' keys and values
+        (batch, tokens, ...) for the pruned pass's duplicates."""
+        state = self.pruner.state
+        kept = state.lip_mask.index[0]
+        state.recording.append((key[:, kept], value[:, kept]))
+
     def pruning(self) -> bool:
         """Whether this call computes recovered attention (LIP prunes) or records the clean
         pass's keys and values; else the original processor runs."""

@@ -94,8 +94,7 @@ class HunyuanRecoveryProcessor(WrappedProcessor):
         query, key, value = (_project(x, attn, hidden_states) for x in projections)
         text_qkv = [_project(x, attn, encoder_hidden_states) for x in text_projections]
         if state.recording is not None:  # clean pass over all tokens: keep the kept tokens' keys and values
-            kept = state.lip_mask.index[0]
-            state.recording.append((key[:, kept], value[:, kept]))
+            self.record_clean(key, value)
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         span = state.current.span
         keys = span.recovery_keys

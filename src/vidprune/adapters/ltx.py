@@ -78,8 +78,7 @@ class LTXRecoveryProcessor(WrappedProcessor):
         query, key = attn.norm_q(attn.to_q(hidden_states)), attn.norm_k(attn.to_k(hidden_states))
         query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, attn.to_v(hidden_states)))
         if state.recording is not None:  # clean pass over all tokens: keep the kept tokens' keys and values
-            kept = state.lip_mask.index[0]
-            state.recording.append((key[:, kept], value[:, kept]))
+            self.record_clean(key, value)
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         span = state.current.span
         keys = span.recovery_keys
