@@ -128,3 +128,11 @@ def assert_exact_and_pruning(pipe, generate, spans: dict) -> None:
     assert torch.isfinite(pruned).all() and not torch.equal(pruned, reference)
     vidprune.remove(pipe)
     assert torch.equal(generate(pipe), reference)
+
+
+def feed_forward_shapes(blocks) -> tuple[list, list]:
+    """Hooks recording (batch, tokens) as every block's feed-forward sees them (joint-attention
+    blocks: text tokens included); returns (the record, the hook handles)."""
+    seen = []
+    handles = [block.ff.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[:2]))) for block in blocks]
+    return seen, handles

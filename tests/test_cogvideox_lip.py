@@ -3,20 +3,23 @@ CogVideoXVideoToVideoPipeline with a tiny random VAE, called with prompt embeddi
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
-                       CogVideoXVideoToVideoPipeline)
-from PIL import Image
+from conftest import feed_forward_shapes
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    CogVideoXDDIMScheduler,
+    CogVideoXPipeline,
+    CogVideoXVideoToVideoPipeline,
+)
+from test_cogvideox import FRAMES, HEIGHT, TEXT, WIDTH, model_inputs, tiny_cogvideox
+from test_lip import moving_square_video
 
 import vidprune
 from vidprune.adapters import adapter_for
 from vidprune.interframe import keep_mask, reference_index
 from vidprune.runtime import pruner_of
 from vidprune.tokens import patches
-
-from test_cogvideox import FRAMES, HEIGHT, TEXT, WIDTH, model_inputs, tiny_cogvideox
 
 V2V_GRID = (3, 4, 4)  # 9 frames at 64x64 -> 3 latent frames of 8x8 -> 3 x 4 x 4 tokens
 V2V_TOKENS = 48
@@ -47,14 +50,6 @@ def clean_pipe(pipe):
     vidprune.remove(pipe)
 
 
-def moving_square_video(frames: int = 9) -> list[Image.Image]:
-    video = []
-    for f in range(frames):
-        array = np.full((64, 64, 3), 90, np.uint8)
-        array[20:36, 4 + 4 * f : 20 + 4 * f] = (250, 30, 30)
-        video.append(Image.fromarray(array))
-    return video
-
 
 def edit(pipeline, **overrides) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
@@ -64,13 +59,6 @@ def edit(pipeline, **overrides) -> torch.Tensor:
                      output_type="latent", generator=generator)
     return pipeline(**{**arguments, **overrides}).frames
 
-
-def joint_tokens(transformer) -> tuple[list, list]:
-    """Hooks recording (batch, text + video tokens) into every block's feed-forward."""
-    seen = []
-    handles = [block.ff.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[:2])))
-               for block in transformer.transformer_blocks]
-    return seen, handles
 
 
 def test_keep_all_mask_is_bit_identical_and_remove_restores(clean_pipe):
@@ -105,7 +93,7 @@ def test_edit_computes_the_source_videos_kept_tokens_in_every_block(clean_pipe, 
     reference = edit(clean_pipe)
     vidprune.apply(clean_pipe, vidprune.LipConfig(detection=DETECTION, recovery=config.recovery,
                                                   kv_source=config.kv_source, duplicates=config.duplicates))
-    seen, handles = joint_tokens(clean_pipe.transformer)
+    seen, handles = feed_forward_shapes(clean_pipe.transformer.transformer_blocks)
     out = edit(clean_pipe)
     for handle in handles:
         handle.remove()

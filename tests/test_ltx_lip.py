@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import feed_forward_shapes
 from diffusers import LTXPipeline
+from test_ltx import FRAMES, HEIGHT, WIDTH, generate, ltx_inputs, pipe, tiny_ltx  # noqa: F401  (pipe: fixture)
 
 import vidprune
 from vidprune.adapters import adapter_for
 from vidprune.interframe import keep_mask, reference_index
 from vidprune.runtime import pruner_of
-
-from test_ltx import FRAMES, HEIGHT, WIDTH, generate, ltx_inputs, pipe, tiny_ltx  # noqa: F401  (pipe: fixture)
 
 TOKENS = FRAMES * HEIGHT * WIDTH
 DETECTION = vidprune.LipDetection(tau=0.05, median=False, smooth=False, cleanup=False, dilate=False, tau2=None)
@@ -32,13 +32,6 @@ def moving_square_source() -> torch.Tensor:
         latents[:, :, frame, 2:5, 2 * frame : 2 * frame + 3] += 2.0
     return latents
 
-
-def block_tokens(transformer) -> tuple[list, list]:
-    """Hooks recording (batch, tokens) into every block's feed-forward."""
-    seen = []
-    handles = [block.ff.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[:2])))
-               for block in transformer.transformer_blocks]
-    return seen, handles
 
 
 def test_keep_all_mask_is_bit_identical_and_remove_restores(clean_pipe):
@@ -78,7 +71,7 @@ def test_pipeline_computes_the_source_latents_kept_tokens_in_every_block(clean_p
     reference = generate(clean_pipe)
     vidprune.apply(clean_pipe, vidprune.LipConfig(source_latents=source, detection=DETECTION, recovery=config.recovery,
                                                   kv_source=config.kv_source, duplicates=config.duplicates))
-    seen, handles = block_tokens(clean_pipe.transformer)
+    seen, handles = feed_forward_shapes(clean_pipe.transformer.transformer_blocks)
     out = generate(clean_pipe)
     for handle in handles:
         handle.remove()

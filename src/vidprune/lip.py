@@ -23,7 +23,14 @@ from .interframe import keep_mask, reference_index
 from .parallel import SequenceShard, balance_keep
 from .recovery import RecoveryKeys, recovery_keys, restore_from_references
 from .refresh import remember_span
-from .runtime import CallState, ForwardState, OpenSpan, Span, TokenPruner, spans_from_starts
+from .runtime import (
+    CallState,
+    ForwardState,
+    OpenSpan,
+    Span,
+    TokenPruner,
+    spans_from_starts,
+)
 from .tape import Candidates, Selector, TapeState
 from .tokens import TokenGrid
 
@@ -149,13 +156,12 @@ class LipPruner(TokenPruner):
             keep *= tape_keep  # the share TAPE's spans compute, up to per-frame rounding
         current.record.keep = keep
         if current.active:  # asked before the forward computes anything: a refusal changes nothing
-            timesteps = current.inputs[self.adapter.timestep_argument]
-            if self.config.restore == "x0" and timesteps.ndim > 1 and not bool((timesteps == timesteps.max()).all()):
+            lowest, timestep = torch.stack(torch.aminmax(current.inputs[self.adapter.timestep_argument].float())).tolist()
+            if self.config.restore == "x0" and lowest != timestep:  # one host sync for both
                 # Per-token timesteps (Wan2.2 TI2V's clean first frame): a reference's clean
                 # estimate would need its own noise level, and restoration has one per forward.
                 raise ValueError("LipConfig(restore='x0') takes one timestep per forward: this forward gives its "
                                  "tokens different timesteps (a conditioning frame's); use restore='prediction'")
-            timestep = float(timesteps.max())
             self.x0_coefficients = (self.adapter.x0_coefficients(self.state.scheduler, timestep, current.sigma)
                                     if self.config.restore == "x0" else None)
         if current.active and self.config.recovery and self.config.kv_source == "clean":
