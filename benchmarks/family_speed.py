@@ -46,7 +46,7 @@ from vidprune.bench import (ForwardTimer, benchmark_shape, build_random_pipeline
 from vidprune.bench.block_times import BlockTimes
 from vidprune.bench.timing import time_ms
 from vidprune.runtime import bind_arguments
-from vidprune.schedule import plan_keeps
+from vidprune.budget import plan_keeps
 from vidprune.selection import kept_per_frame
 
 FAMILIES = sorted({shape.family for adapter in ADAPTERS for shape in adapter.benchmark_shapes.values()})

@@ -30,7 +30,7 @@ from vidprune.bench import ForwardTimer, build_random_pipeline
 from vidprune.bench.block_times import BlockTimes
 from vidprune.bench.timing import time_ms
 from vidprune.importance import attention_received, sample_queries
-from vidprune.schedule import plan_keeps
+from vidprune.budget import plan_keeps
 from vidprune.selection import kept_per_frame, select_per_frame, smooth_over_time
 from vidprune.tokens import TokenGrid, scatter_tokens
 

@@ -236,3 +236,26 @@ def test_token_replace_with_cuda_graphs_is_refused_before_anything_changes():
     vidprune.apply(model, vidprune.TapeConfig.paper(keep=0.5))  # eager spans take it
     assert pruner_of(model) is not None
     vidprune.remove(model)
+
+
+def test_a_reuse_step_adds_both_streams_remembered_residuals(pipe):
+    """Joint-attention blocks: on a reuse step the text stream also leaves the span with its
+    input plus its remembered residual (its span ran no block)."""
+    transformer = pipe.transformer
+    vidprune.apply(pipe, vidprune.TapeConfig(budget=[1.0, 0.0], **SPANS))
+    span = pruner_of(transformer).spans[0]
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    seen = []  # (text input, text output) of the first span at each forward
+    handles = [blocks[span.start].register_forward_pre_hook(
+                   lambda m, a, kw: seen.append([bind_arguments(type(m).forward, a, kw)["encoder_hidden_states"]]),
+                   with_kwargs=True),
+               blocks[span.end].register_forward_hook(lambda m, a, out: seen[-1].append(out[1]))]
+    try:
+        generate(pipe, num_inference_steps=2)
+    finally:
+        for handle in handles:
+            handle.remove()
+        vidprune.remove(pipe)
+    (dense_in, dense_out), (reuse_in, reuse_out) = seen
+    torch.testing.assert_close(reuse_out, reuse_in + (dense_out - dense_in))
+    assert not torch.equal(reuse_in, dense_in)

@@ -10,7 +10,7 @@ import torch
 
 import vidprune
 from vidprune.importance import attention_received, sample_queries
-from vidprune.schedule import keep_at, plan_keeps
+from vidprune.budget import keep_at, plan_keeps
 from vidprune.selection import (
     adjacent_frame_iou,
     gaussian_weights,

@@ -12,7 +12,7 @@ from PIL import Image
 
 import vidprune
 from vidprune.runtime import pruner_of
-from vidprune.schedule import plan_keeps
+from vidprune.budget import plan_keeps
 from vidprune.selection import kept_per_frame
 from vidprune.tokens import TokenGrid
 

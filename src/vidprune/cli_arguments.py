@@ -14,7 +14,7 @@ import torch
 
 from .config import TapeConfig
 from .demo.pipeline import HEIGHT, NUM_FRAMES, WIDTH
-from .schedule import plan_keeps
+from .budget import plan_keeps
 
 
 

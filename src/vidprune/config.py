@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .budget import BUDGET_RULES, BudgetProfile, check_keeps
 from .interframe import LipDetection
 from .validation import check_bool, check_choice, check_fraction, check_int, check_number, fail
 
@@ -29,6 +30,16 @@ class TapeConfig:
     was last computed and how long ago that was, so every token is refreshed regularly.
 
     keep: mean keep ratio over the denoising steps of a pipeline call, dense steps included.
+        With a per-step budget (a list or a profile) it is that budget's mean, set from it.
+    budget: how the keep is spread over a call's steps (budget.py): "even" (the first
+        `dense_first` share dense, the others token steps by `schedule`), "cycle" (the same
+        dense start, then dense steps spaced evenly among reuse steps), a list of per-step
+        keeps, a `BudgetProfile` or the path of a profile's JSON file (`vidprune calibrate`
+        makes them per model and step count; a call with another step count is refused).
+        keep 0 is a reuse step: no block of a span runs, every token takes its input plus its
+        remembered span residual (needs cache "span"); keep 1 a dense step. A call's first
+        step is always dense (it fills the cache), as is a step where Wan2.2's second expert
+        takes over.
     importance: "attention" (attention received, from sampled queries at the span's first
         block) or "random".
     query_samples: queries sampled (spread over all frames) to estimate attention received.
@@ -76,6 +87,7 @@ class TapeConfig:
     """
 
     keep: float = 0.5
+    budget: str | tuple[float, ...] | BudgetProfile = "even"
     importance: str = "attention"
     query_samples: int = 512
     temporal_sigma: float = 1.0
@@ -100,6 +112,7 @@ class TapeConfig:
     record_selections: bool = False
 
     def __post_init__(self) -> None:
+        self._check_budget()
         check_fraction("keep", self.keep)
         check_choice("importance", self.importance, IMPORTANCE_KINDS)
         check_int("query_samples", self.query_samples, 1)
@@ -120,7 +133,7 @@ class TapeConfig:
         check_choice("schedule", self.schedule, SCHEDULE_SHAPES)
         check_number("schedule_spread", self.schedule_spread, 0.0, 1.0)
         check_fraction("min_keep", self.min_keep)
-        if self.min_keep > self.keep:
+        if self.min_keep > self.keep and self.budget in BUDGET_RULES:
             fail("min_keep", self.min_keep, f"<= keep ({self.keep})")
         check_number("dense_first", self.dense_first, 0.0, 1.0)
         check_number("dense_last", self.dense_last, 0.0, 1.0)
@@ -139,6 +152,43 @@ class TapeConfig:
         check_bool("share_cfg_selection", self.share_cfg_selection)
         check_int("seed", self.seed, 0, MAX_SEED)
         check_bool("record_selections", self.record_selections)
+        keeps = self.budget.keeps if isinstance(self.budget, BudgetProfile) else self.budget
+        if isinstance(keeps, tuple) and keeps[0] < 1.0 and (self.cache != "none" or self.refreshes):
+            fail("budget", list(keeps), "a budget whose first step is 1.0 (dense: it fills the token cache and the "
+                 "selection's history that later steps stand on)")
+        if self.reuses and self.cache != "span":
+            fail("cache", self.cache, "'span' with a budget that has reuse steps (keep 0), which add each token's "
+                 "remembered span residual")
+
+    def _check_budget(self) -> None:
+        """A budget rule, or a per-step budget (a list, a profile or its file) as a tuple or
+        BudgetProfile, whose mean becomes `keep`."""
+        budget = self.budget
+        accepted = (f"one of {', '.join(map(repr, BUDGET_RULES))}, a list of per-step keeps in [0, 1], a "
+                    "vidprune.BudgetProfile or the path of a profile's .json file")
+        if isinstance(budget, str) and budget in BUDGET_RULES:
+            return
+        if isinstance(budget, str) and budget.endswith(".json"):
+            budget = BudgetProfile.load(budget)
+        elif isinstance(budget, (list, tuple)):
+            budget = check_keeps("budget", budget)
+        elif not isinstance(budget, BudgetProfile):
+            fail("budget", budget, accepted)
+        keeps = budget.keeps if isinstance(budget, BudgetProfile) else budget
+        if max(keeps) == 0.0:
+            fail("budget", list(keeps), "a budget with at least one step above keep 0 (the first step fills the cache)")
+        object.__setattr__(self, "budget", budget)
+        object.__setattr__(self, "keep", sum(keeps) / len(keeps))
+
+    @property
+    def reuses(self) -> bool:
+        """Whether the budget has reuse steps (keep 0)."""
+        if self.budget == "cycle":
+            return self.keep < 1.0
+        if isinstance(self.budget, str):
+            return False
+        keeps = self.budget.keeps if isinstance(self.budget, BudgetProfile) else self.budget
+        return 0.0 in keeps
 
     @property
     def refreshes(self) -> bool:
@@ -262,9 +312,12 @@ class LipConfig:
                 fail("kv_source", self.kv_source, "'current' when tape is set (clean-pass keys follow LIP's kept tokens)")
             if not self.tape.per_frame:
                 fail("tape", "TapeConfig(per_frame=False)", "a TapeConfig with per_frame=True (LIP keeps per frame)")
+            if self.tape.reuses:
+                fail("tape", f"TapeConfig(budget={self.tape.budget!r})", "a TapeConfig without reuse steps (LIP restores "
+                     "its pruned tokens from their references at every step)")
             if self.tape.cache == "block":
                 fail("tape", "TapeConfig(cache='block')", "a TapeConfig with cache 'span' or 'none' (LIP's recovered "
                      "attention runs its own processor)")
 
 
-__all__ = ["TapeConfig", "LipConfig", "IMPORTANCE_KINDS", "SCHEDULE_SHAPES", "CACHE_KINDS", "KV_SOURCES", "RESTORE_MODES"]
+__all__ = ["TapeConfig", "LipConfig", "BudgetProfile", "IMPORTANCE_KINDS", "SCHEDULE_SHAPES", "CACHE_KINDS", "KV_SOURCES", "RESTORE_MODES"]

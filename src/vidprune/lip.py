@@ -106,7 +106,7 @@ class LipPruner(TokenPruner):
             spans = [Span(0, starts[0] - 1)] * (starts[0] > 0) + spans_from_starts(starts, num_layers)
         super().__init__(transformer, adapter, config, state, spans)
         self._originals: list[tuple[torch.nn.Module, Any]] = []
-        self.reused: dict[int, torch.Tensor] | None = None  # TAPE selections of this step's first CFG call
+        self.partner_selections: dict[int, torch.Tensor] | None = None  # TAPE selections of this step's first CFG call
         self.selections: dict[int, torch.Tensor] = {}
         self.selector = Selector(adapter, config.tape) if config.tape is not None else None
         self.x0_coefficients: tuple[float, float] | None = None  # this forward's, for restore="x0"
@@ -150,9 +150,9 @@ class LipPruner(TokenPruner):
             pruning = tape_keep < 1.0
             current.active |= pruning or tape.remembers(current.branch)
             batch = current.inputs["hidden_states"].shape[0]
-            self.reused, self.selections = tape.selections_for(current.sigma, batch, pruning)
+            self.partner_selections, self.selections = tape.selections_for(current.sigma, batch, pruning)
             current.tape_keep = tape_keep
-            current.record.step, current.record.shared_selection = step, self.reused is not None and pruning
+            current.record.step, current.record.shared_selection = step, self.partner_selections is not None and pruning
             keep *= tape_keep  # the share TAPE's spans compute, up to per-frame rounding
         current.record.keep = keep
         if current.active:  # asked before the forward computes anything: a refusal changes nothing
@@ -200,8 +200,8 @@ class LipPruner(TokenPruner):
         memory = self._memory(span.start) if self._remembers_now() else None
         if memory is not None and not memory.filled:
             return lip_mask.index
-        if self.reused is not None and span.start in self.reused:
-            return self.reused[span.start]
+        if self.partner_selections is not None and span.start in self.partner_selections:
+            return self.partner_selections[span.start]
         if tape.config.refreshes and memory.compared_input is None:
             return lip_mask.index  # this branch has no history to select with
         if self.state.candidates is None:  # once per call: LIP-pruned tokens hold stale states, no say as queries

@@ -25,7 +25,7 @@ class SpanMemory:
     """What one span remembers of its tokens across the steps of a call, for one guidance branch.
 
     residual: (batch, tokens, dim) span output minus span input when each token was last
-        computed (cache "span").
+        computed (cache "span"); a reuse step adds it to every token.
     branch_outputs: per block of the span, the block's branch outputs (self-attention,
         cross-attention, feed-forward, before their gates) when each token was last computed
         (cache "block").
@@ -34,6 +34,7 @@ class SpanMemory:
     staleness: (batch, tokens) selections since each token was last computed."""
 
     residual: torch.Tensor | None = None
+    text_residual: torch.Tensor | None = None  # a joint-attention span's text stream, the same way
     branch_outputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     compared_input: torch.Tensor | None = None
     staleness: torch.Tensor | None = None
@@ -43,7 +44,7 @@ class SpanMemory:
         return self.residual is not None or bool(self.branch_outputs) or self.compared_input is not None
 
     def nbytes(self) -> int:
-        tensors = [self.residual, self.compared_input, self.staleness]
+        tensors = [self.residual, self.text_residual, self.compared_input, self.staleness]
         tensors += [t for outputs in self.branch_outputs.values() for t in outputs]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 

@@ -60,7 +60,10 @@ class OpenSpan:
     replayed: torch.Tensor | None = None  # TAPE cache "block": the pruned tokens' state through the span
     recovery_keys: Any = None  # LIP: the key positions of recovered attention in this span
     key_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # LIP: RoPE tables at those positions
-    graphed: tuple[torch.Tensor, Any] | None = None  # CUDA graphs: (kept output, rest) of the whole span
+    # (output, rest) of the whole span, made at its first block, so its blocks pass: the kept
+    # output of a CUDA graph of the span, or every token's output on a reuse step
+    done: tuple[torch.Tensor, Any] | None = None
+    reused: bool = False  # a reuse step: no block of the span ran
 
 
 @dataclass
@@ -227,7 +230,8 @@ class TokenPruner:
         span_at = {layer: span for span in record.spans for layer in range(span.start, span.end + 1)}
         flops = functools.partial(self.adapter.block_flops, self.transformer, context_tokens=record.context_tokens)
         record.block_flops = sum(
-            flops(span_at[layer].tokens, keys=span_at[layer].keys) if layer in span_at else flops(record.tokens)
+            (0.0 if span_at[layer].reused else flops(span_at[layer].tokens, keys=span_at[layer].keys))
+            if layer in span_at else flops(record.tokens)
             for layer in range(self.num_layers)
         )
         record.block_flops_unpruned = self.num_layers * flops(record.tokens)
@@ -247,6 +251,11 @@ class TokenPruner:
             hidden_states = inputs["hidden_states"]
             check_shard_length(current.shard, current.grid, hidden_states.shape[1])
             current.span = OpenSpan(span.start, hidden_states, inputs, None)
+            reused = self.reuse_span(span, current.span)
+            if reused is not None:  # a reuse step: nothing to score, select, gather or scatter
+                current.span.done, current.span.reused = reused, True
+                current.record.spans.append(SpanRecord(span.start, span.end, 0, current.grid, reused=True))
+                return self._pass_block(span, layer, current.span)
             # A selection is global (the same on every rank under context parallelism); the
             # span runs on this rank's part of it.
             index = self.select(block, inputs, span)
@@ -259,7 +268,7 @@ class TokenPruner:
                 index = current.shard.local_index(index)
             current.span.index = index
             if index is not None and self.graph_factory is not None:
-                current.span.graphed = self._graphed_span(span)
+                current.span.done = self._graphed_span(span)
             elif index is not None:
                 gathered = self.adapter.gather_block_inputs(inputs, index)
                 current.span.token_inputs = {k: v for k, v in gathered.items() if k != "hidden_states"}
@@ -267,18 +276,30 @@ class TokenPruner:
         else:
             inputs = {**inputs, **_taken(current.span.token_inputs, inputs)}
         open_span = current.span
-        if open_span.graphed is None:
-            output = forward(**inputs)
-            self.after_block(block, layer, open_span)
-            hidden_states, rest = self.adapter.split_block_output(output)
-        else:  # the span's blocks ran in the graph at its first block; the later ones pass
-            hidden_states, rest = open_span.graphed
+        if open_span.done is not None:
+            return self._pass_block(span, layer, open_span)
+        output = forward(**inputs)
+        self.after_block(block, layer, open_span)
         if layer != span.end:
-            return output if open_span.graphed is None else self.adapter.join_block_output(open_span.input, rest)
+            return output
+        hidden_states, rest = self.adapter.split_block_output(output)
         # Only the video tokens were pruned; what else the block returns (a joint-attention
         # block's text stream) is full length already.
         current.span = None
-        return self.adapter.join_block_output(self.finish_span(span, open_span, hidden_states), rest)
+        return self.adapter.join_block_output(self.finish_span(span, open_span, hidden_states),
+                                              self.finish_rest(span, open_span, rest))
+
+    def _pass_block(self, span: Span, layer: int, open_span: OpenSpan) -> Any:
+        """A block of a span whose output was made at its first block (`OpenSpan.done`): the
+        blocks before the last pass their input on; the last returns the span's output."""
+        hidden_states, rest = open_span.done
+        if layer != span.end:
+            return self.adapter.join_block_output(open_span.input, rest)
+        self.state.current.span = None
+        if open_span.reused:
+            return self.adapter.join_block_output(hidden_states, rest)
+        return self.adapter.join_block_output(self.finish_span(span, open_span, hidden_states),
+                                              self.finish_rest(span, open_span, rest))
 
     def _graphed_span(self, span: Span) -> tuple[torch.Tensor, Any]:
         """The kept output of the span's blocks (and the rest of its last block's output), its
@@ -320,6 +341,15 @@ class TokenPruner:
 
     def after_block(self, block: torch.nn.Module, layer: int, span: OpenSpan) -> None:
         """After each block of an open span (a method's per-block bookkeeping)."""
+
+    def reuse_span(self, span: Span, open_span: OpenSpan) -> tuple[torch.Tensor, Any] | None:
+        """On a reuse step, the span's (output, rest) without running its blocks; else None."""
+        return None
+
+    def finish_rest(self, span: Span, open_span: OpenSpan, rest: Any) -> Any:
+        """What the span's last block returns besides the video tokens (a joint-attention
+        block's text stream), as the span passes it on."""
+        return rest
 
     def finish_span(self, span: Span, open_span: OpenSpan, kept_output: torch.Tensor) -> torch.Tensor:
         """The span's full-length output: pruned tokens pass the span unchanged."""

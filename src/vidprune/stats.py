@@ -21,6 +21,7 @@ class SpanRecord:
     index: torch.Tensor | None = None  # kept token indices (LIP; TAPE with record_selections=True)
     keys: int | None = None  # self-attention keys when they differ from tokens (LIP's recovery)
     graph: str | None = None  # with CUDA graphs (compile_blocks(graphs=True)): "eager", "captured" or "replayed"
+    reused: bool = False  # a reuse step: no block ran; every token took its remembered residual
 
     def kept_per_frame(self) -> list[int]:
         """Tokens kept in each latent frame (first sample), from the recorded indices."""
@@ -107,7 +108,10 @@ class PruneStats:
         lines = [f"{'step':>4} {'sigma':>6} {'keep':>5} {'calls':>5}  {'kept tokens per span (first-last layer: tokens)':<48} {'FLOPs saved':>11}"]
         for group in rows:
             f = group[0]
-            spans = " ".join(f"{s.start}-{s.end}:{s.tokens}" for s in f.spans) + f" of {f.tokens}" if f.spans else "unpruned"
+            if f.spans and all(s.reused for s in f.spans):
+                spans = f"reuse: layers {f.spans[0].start}-{f.spans[-1].end} not run"
+            else:
+                spans = " ".join(f"{s.start}-{s.end}:{s.tokens}" for s in f.spans) + f" of {f.tokens}" if f.spans else "unpruned"
             step = "-" if f.step is None else str(f.step)
             lines.append(f"{step:>4} {f.sigma:6.3f} {f.keep:5.2f} {len(group):>5}  {spans:<48} {f.flops_saved:11.1%}")
         lines.append(

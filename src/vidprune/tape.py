@@ -14,7 +14,7 @@ from .importance import attention_log_normalizer, attention_received, random_imp
 from .parallel import SequenceShard, select_sharded
 from .refresh import SpanMemory, memory_estimate, refresh_scores, relative_change, remember_span
 from .runtime import CallState, ForwardState, OpenSpan, Span, TokenPruner, spans_from_starts
-from .schedule import keep_at, plan_keeps
+from .budget import keep_at, plan_keeps
 from .selection import (budgets_among, kept_per_frame, select_among, select_global, select_per_frame,
                         smooth_over_time)
 from .tokens import TokenGrid, scatter_tokens
@@ -183,9 +183,10 @@ class TapePruner(TokenPruner):
         num_layers = len(adapter.blocks(transformer))
         super().__init__(transformer, adapter, config, state, spans_from_starts(config.span_starts(num_layers), num_layers))
         self.selector = Selector(adapter, config)
-        self.reused: dict[int, torch.Tensor] | None = None
+        self.partner_selections: dict[int, torch.Tensor] | None = None  # this step's first CFG call's
         self.selections: dict[int, torch.Tensor] = {}
         self.fills = False  # this forward computes every token to fill the spans' memory
+        self.reusing = False  # a reuse step (keep 0): spans with a memory run no block
         self.block_cache = BlockCache(self) if config.cache == "block" else None
 
     def check_graphs(self) -> None:
@@ -203,14 +204,15 @@ class TapePruner(TokenPruner):
         state, grid = self.state, current.grid
         step, keep = state.step_and_keep(current.sigma, self.adapter)
         batch = current.inputs["hidden_states"].shape[0]
-        pruning = keep < 1.0 and kept_per_frame(grid, keep) < grid.per_frame
+        self.reusing = keep == 0.0
+        pruning = 0.0 < keep < 1.0 and kept_per_frame(grid, keep) < grid.per_frame
         # Unpruned steps still run through the spans, keeping every token, so that the spans
-        # remember every token's update for the pruned steps.
-        self.fills = not pruning and state.remembers(current.branch)
-        current.active = pruning or self.fills
-        current.record.step, current.record.keep = step, keep if pruning else 1.0
-        self.reused, self.selections = state.selections_for(current.sigma, batch, pruning)
-        current.record.shared_selection = self.reused is not None and pruning
+        # remember every token's update for the pruned and reuse steps.
+        self.fills = not pruning and not self.reusing and state.remembers(current.branch)
+        current.active = pruning or self.reusing or self.fills
+        current.record.step, current.record.keep = step, keep if pruning or self.reusing else 1.0
+        self.partner_selections, self.selections = state.selections_for(current.sigma, batch, pruning)
+        current.record.shared_selection = self.partner_selections is not None and pruning
         if current.active and not state.memory:
             self.check_memory_fits(current)
 
@@ -243,7 +245,8 @@ class TapePruner(TokenPruner):
 
     def select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor | None:
         current = self.state.current
-        if self.fills:
+        if self.fills or self.reusing:  # (a reuse step whose span has no memory yet computes every token)
+            current.record.keep = 1.0
             return None
         memory = self.memory(span.start) if self.state.remembers(current.branch) else None
         if memory is not None and not memory.filled:  # nothing to stand in for pruned tokens yet
@@ -251,8 +254,8 @@ class TapePruner(TokenPruner):
             return None
         # A cache (FirstBlockCache, MagCache) can skip this span in the step's first call: then
         # there is nothing to share and this call selects afresh.
-        if self.reused is not None and span.start in self.reused:
-            return self.reused[span.start]
+        if self.partner_selections is not None and span.start in self.partner_selections:
+            return self.partner_selections[span.start]
         if self.config.refreshes and memory.compared_input is None:
             return None  # this branch has no history to select with (a step cache skipped its partner's span)
         index = self.selector(block, inputs, self.state, current, span.start, current.record.keep, memory)
@@ -262,6 +265,24 @@ class TapePruner(TokenPruner):
     def after_block(self, block: torch.nn.Module, layer: int, span: OpenSpan) -> None:
         if self.block_cache is not None:
             self.block_cache.after_block(block, layer, span, self.memory(span.start))
+
+    def reuse_span(self, span: Span, open_span: OpenSpan) -> tuple[torch.Tensor, Any] | None:
+        """A reuse step: every token leaves the span with its input plus the residual the span
+        gave it when last computed; a text stream (joint attention) likewise with its own."""
+        if not self.reusing:
+            return None
+        memory = self.memory(span.start)
+        if memory.residual is None or (self.adapter.returns_text_stream and memory.text_residual is None):
+            return None
+        text = open_span.inputs["encoder_hidden_states"] + memory.text_residual if self.adapter.returns_text_stream else None
+        return open_span.input + memory.residual, text
+
+    def finish_rest(self, span: Span, open_span: OpenSpan, rest: Any) -> Any:
+        if self.config.cache == "span" and self.adapter.returns_text_stream and self.state.remembers(self.state.current.branch):
+            # the text stream's span residual, for reuse steps (next_block_inputs: the text
+            # stream enters a block as encoder_hidden_states)
+            self.memory(span.start).text_residual = rest - open_span.inputs["encoder_hidden_states"]
+        return rest
 
     def finish_span(self, span: Span, open_span: OpenSpan, kept_output: torch.Tensor) -> torch.Tensor:
         branch = self.state.current.branch

@@ -1,0 +1,160 @@
+"""TAPE's budget over steps and tokens: reuse steps (keep 0), the budget rules, per-step lists
+and profiles, and a budget's stated cost."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import vidprune
+from vidprune.budget import BudgetProfile, forward_cost, plan_keeps
+from vidprune.runtime import pruner_of
+
+from conftest import SMALL_SPANS, block_tokens, run
+
+SIGMAS_6 = [1 - i / 6 for i in range(6)]
+
+
+# -- rules -------------------------------------------------------------------------------------
+def test_cycle_spaces_dense_steps_among_reuse_steps_after_the_dense_start():
+    keeps = plan_keeps(vidprune.TapeConfig(keep=0.5, budget="cycle"), [1 - i / 25 for i in range(25)])
+    assert keeps[:5] == [1.0] * 5 and set(keeps) == {0.0, 1.0}
+    assert sum(keeps) / 25 >= 0.5 and sum(keeps) / 25 < 0.5 + 1 / 25  # whole steps, never cheaper than asked
+    rest = keeps[5:]
+    assert rest[0] == 0.0 and rest[-1] == 1.0  # reuse first, as a step cache skips; the last step dense
+    assert max(len(run_) for run_ in "".join("r" if k == 0 else "d" for k in rest).split("d")) <= 2
+
+
+def test_a_two_step_call_at_keep_half_runs_with_a_reuse_step():
+    assert plan_keeps(vidprune.TapeConfig(keep=0.5, budget="cycle"), [1.0, 0.5]) == [1.0, 0.0]
+
+
+def test_a_per_step_list_is_the_budget_and_its_mean_the_keep():
+    config = vidprune.TapeConfig(budget=[1, 0, 1, 0.5, 0, 1])
+    assert config.keep == pytest.approx(3.5 / 6) and config.reuses
+    assert plan_keeps(config, SIGMAS_6) == [1.0, 0.0, 1.0, 0.5, 0.0, 1.0]
+    with pytest.raises(ValueError, match="made for|list of keeps is for 6 steps and the call runs 5"):
+        plan_keeps(config, SIGMAS_6[:5])
+
+
+@pytest.mark.parametrize("budget, match", [
+    ("weekly", "budget must be one of 'even', 'cycle'"),
+    ([1.0, 1.5], r"each a number in \[0, 1\]"),
+    ([], "non-empty"),
+    ([0.5, 1.0], "first step is 1.0"),
+    ([1.0, True], r"each a number in \[0, 1\]"),
+])
+def test_bad_budgets_are_refused_naming_what_is_accepted(budget, match):
+    with pytest.raises(ValueError, match=match):
+        vidprune.TapeConfig(budget=budget)
+
+
+def test_reuse_steps_need_the_span_cache():
+    with pytest.raises(ValueError, match="cache='none' is not accepted.*'span'"):
+        vidprune.TapeConfig(budget=[1.0, 0.0], cache="none")
+    with pytest.raises(ValueError, match="without reuse steps"):
+        vidprune.LipConfig(tape=vidprune.TapeConfig(budget="cycle"))
+
+
+def test_a_profile_round_trips_through_its_file_and_is_tied_to_its_step_count(tmp_path):
+    profile = BudgetProfile(keeps=(1.0, 1.0, 0.0, 0.5, 0.0, 1.0), family="wan", model="demo", scheduler="UniPC",
+                            guidance_scale=5.0, cost=0.61, target_cost=0.62, calibration={"prompts": 4})
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    loaded = BudgetProfile.load(path)
+    assert loaded == profile and loaded.calibration == {"prompts": 4}
+    assert json.loads(path.read_text())["steps"] == 6
+    config = vidprune.TapeConfig(budget=str(path))
+    assert config.budget == profile and config.keep == pytest.approx(3.5 / 6)
+    assert plan_keeps(config, SIGMAS_6) == list(profile.keeps)
+    with pytest.raises(ValueError, match="made for 6 steps and the call runs 8.*vidprune calibrate .*--steps 8"):
+        plan_keeps(config, [1 - i / 8 for i in range(8)])
+    (tmp_path / "other.json").write_text('{"keeps": [1, 0]}')
+    with pytest.raises(ValueError, match="is not a vidprune budget profile"):
+        vidprune.TapeConfig(budget=str(tmp_path / "other.json"))
+    with pytest.raises(ValueError, match="could not be read"):
+        vidprune.TapeConfig(budget=str(tmp_path / "missing.json"))
+
+
+# -- reuse steps in the runtime ------------------------------------------------------------------
+def test_a_reuse_step_runs_no_span_block_and_gives_every_token_its_input_plus_its_residual(clean):
+    """Steps: dense, reuse, dense. On the reuse step each span's output is its input plus the
+    residual it had at the dense step (checked by a hook on the span's first and last blocks),
+    and no block of a span runs (the tiny transformer's block 0 is outside the spans)."""
+    pipe = clean["t2v"]
+    transformer = pipe.transformer
+    vidprune.apply(pipe, vidprune.TapeConfig(budget=[1.0, 0.0, 1.0], **SMALL_SPANS))
+    spans = pruner_of(transformer).spans
+    inputs, outputs = [], []  # per forward and span: the span's input and output
+    handles = []
+    for span in spans:
+        first, last = transformer.blocks[span.start], transformer.blocks[span.end]
+        handles.append(first.register_forward_pre_hook(lambda m, a, kw: inputs.append(kw.get("hidden_states", a[0] if a else None)),
+                                                        with_kwargs=True))
+        handles.append(last.register_forward_hook(lambda m, a, out: outputs.append(out)))
+    try:
+        with block_tokens(transformer) as seen:
+            run(pipe, "t2v", num_inference_steps=3)
+    finally:
+        for handle in handles:
+            handle.remove()
+    forwards_per_step = 2  # CFG: conditional and unconditional calls
+    layers = len(transformer.blocks)
+    ran = [block for block, _ in seen]
+    assert len(ran) == layers * forwards_per_step * 2 + 1 * forwards_per_step  # dense steps: all; reuse: block 0 only
+    per_forward = len(spans)
+    for branch in range(forwards_per_step):
+        dense, reuse = branch * per_forward, (forwards_per_step + branch) * per_forward
+        for s in range(per_forward):
+            residual = outputs[dense + s] - inputs[dense + s]
+            torch.testing.assert_close(outputs[reuse + s], inputs[reuse + s] + residual)
+    records = vidprune.stats(pipe).forwards
+    assert [r.keep for r in records] == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    assert all(s.reused and s.tokens == 0 for r in records[2:4] for s in r.spans)
+    assert records[2].flops_saved == pytest.approx(1 - 1 / layers)  # only block 0 ran
+
+
+def test_keep_one_and_remove_are_exact_through_every_budget_kind(clean, tmp_path):
+    pipe = clean["t2v"]
+    reference = run(pipe, "t2v", num_inference_steps=4)
+    path = tmp_path / "dense.json"
+    BudgetProfile(keeps=(1.0,) * 4).save(path)
+    for budget in ("even", "cycle", [1.0] * 4, str(path)):
+        vidprune.apply(pipe, vidprune.TapeConfig(keep=1.0, budget=budget) if isinstance(budget, str) and budget in
+                       ("even", "cycle") else vidprune.TapeConfig(budget=budget))
+        assert torch.equal(run(pipe, "t2v", num_inference_steps=4), reference), budget
+    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, budget="cycle", **SMALL_SPANS))
+    assert not torch.equal(run(pipe, "t2v", num_inference_steps=4), reference)
+    vidprune.remove(pipe)
+    assert torch.equal(run(pipe, "t2v", num_inference_steps=4), reference)
+
+
+def test_a_cycle_call_reuses_on_both_guidance_branches_alike(clean):
+    pipe = clean["t2v"]
+    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, budget="cycle", dense_first=0.0, **SMALL_SPANS))
+    run(pipe, "t2v", num_inference_steps=4)
+    records = vidprune.stats(pipe).forwards
+    keeps = [r.keep for r in records]
+    assert keeps == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0] or keeps == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    assert vidprune.stats(pipe).mean_keep == 0.5
+
+
+def test_a_budgets_stated_cost_equals_the_computed_one(clean):
+    """forward_cost of each step, averaged, equals the block FLOPs the runtime counted."""
+    pipe = clean["t2v"]
+    keeps = [1.0, 0.0, 0.5, 1.0, 0.25]
+    vidprune.apply(pipe, vidprune.TapeConfig(budget=keeps, **SMALL_SPANS))
+    run(pipe, "t2v", num_inference_steps=5)
+    stats = vidprune.stats(pipe)
+    pruner = pruner_of(pipe.transformer)
+    adapter, transformer = pruner.adapter, pipe.transformer
+    grid = stats.forwards[0].spans[0].grid
+    from vidprune.selection import kept_per_frame
+
+    context = stats.forwards[0].context_tokens
+    stated = sum(forward_cost(k, lambda keep: kept_per_frame(grid, keep) * grid.frames, grid.size,
+                              len(transformer.blocks), sum(s.end - s.start + 1 for s in pruner.spans),
+                              lambda tokens: adapter.block_flops(transformer, tokens, context)) for k in keeps) / len(keeps)
+    assert stated == pytest.approx(1 - stats.flops_saved, rel=1e-9)
