@@ -46,6 +46,7 @@ from .cli_arguments import (
     model_name,
     warn_untrained_size,
 )
+from .cli_calibrate import add_parser as add_calibrate_parser
 from .cli_loading import (
     _device,
     _is_demo_folder,
@@ -80,6 +81,8 @@ def tape_config(method: str, keep: float) -> TapeConfig | None:
 def generate(args: argparse.Namespace) -> None:
     device, dtype = _device(args.device)
     config = tape_config(args.method, args.keep)  # validate the arguments before the model loads
+    if config is not None and args.budget is not None:
+        config = config.with_(budget=args.budget)
     check_output_path(args.output, args.overwrite)
     settings = call_settings(args)
     check_budget(config, settings["num_inference_steps"])
@@ -88,7 +91,8 @@ def generate(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.model, device, dtype)
     if config is not None:
         apply(pipe, config)
-    print(f"method: {args.method}" + (f" (mean keep {args.keep})" if config is not None else ""))
+    print(f"method: {args.method}" + (f" (mean keep {config.keep:.3g}, budget {budget_name(config)})"
+                                      if config is not None else ""))
 
     def run() -> tuple[object, float]:
         started = time.perf_counter()
@@ -285,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tape (default: token cache, refreshing selection, first 20%% of steps dense), paper "
                           "(TAPE as its paper describes it), naive per-frame pruning, random pruning, or none")
     gen.add_argument("--keep", type=FRACTION, default=0.5, help="mean fraction of video tokens kept (0, 1]")
+    gen.add_argument("--budget", help="how the keep is spread over the steps: even (token steps after the dense "
+                     "start), cycle (dense steps among reuse steps), or a profile file from `vidprune calibrate` "
+                     "(its mean keep replaces --keep)")
     gen.add_argument("--frames", type=FRAMES, default=NUM_FRAMES, help="video frames (4k+1; LTX: 8k+1)")
     gen.add_argument("--height", type=SIZE, default=HEIGHT, help=f"the demo model is trained at {WIDTH}x{HEIGHT}")
     gen.add_argument("--width", type=SIZE, default=WIDTH)
@@ -293,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", default="out.mp4", help=".mp4 or .gif file to write")
     _common_arguments(gen)
     gen.set_defaults(run=generate)
+
+    add_calibrate_parser(commands)
 
     ed = commands.add_parser("edit", help="video-to-video editing with inter-frame pruning (LIP)")
     ed.add_argument("input", help="video file (mp4, avi, mov, mkv, webm, gif) or a folder of frames")
@@ -348,6 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--out", default="out/bench", help="folder for bench.json, bench.md and bench.png")
     be.set_defaults(run=bench)
     return parser
+
+
+def budget_name(config: TapeConfig) -> str:
+    if isinstance(config.budget, str):
+        return config.budget
+    if isinstance(config.budget, tuple):
+        return "per-step list"
+    return f"profile for {config.budget.steps} steps, cost {config.budget.cost:.2f} of the block FLOPs"
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -42,6 +42,9 @@ REGISTRY = {
     "tape": MethodSpec("pruning", "generate", "KEEP", 0.5, "TAPE (default: token cache, refreshing selection, first 20% "
                  "of steps dense), mean keep {v}",
         tape=lambda keep: TapeConfig(keep=keep)),
+    "tape-cycle": MethodSpec("pruning", "generate", "KEEP", 0.5, "TAPE with the cycle budget: after the dense first "
+                       "20% of steps, dense steps among reuse steps (no span block runs), mean keep {v}",
+        tape=lambda keep: TapeConfig(keep=keep, budget="cycle")),
     "tape-nocache": MethodSpec("pruning", "generate", "KEEP", 0.5, "TAPE default, pruned tokens pass spans unchanged, "
                          "mean keep {v}",
         tape=lambda keep: TapeConfig(keep=keep, cache="none")),
