@@ -4,6 +4,7 @@ and profiles, and a budget's stated cost."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -158,3 +159,51 @@ def test_a_budgets_stated_cost_equals_the_computed_one(clean):
                               len(transformer.blocks), sum(s.end - s.start + 1 for s in pruner.spans),
                               lambda tokens: adapter.block_flops(transformer, tokens, context)) for k in keeps) / len(keeps)
     assert stated == pytest.approx(1 - stats.flops_saved, rel=1e-9)
+
+
+# -- one rule for budgets a call cannot meet: met or refused, and the advice works -----------------
+def _advice_keep(message: str) -> float:
+    return float(re.search(r"--keep ([0-9.]+)", message).group(1))
+
+
+@pytest.mark.parametrize("config, steps, match", [
+    (vidprune.TapeConfig(keep=0.5, dense_first=1.0), 3, "make all 3 steps of the call dense: lower them"),
+    (vidprune.TapeConfig(keep=0.5, dense_first=0.5, dense_last=0.5), 3, "make all 3 steps"),
+    (vidprune.TapeConfig(keep=0.5, dense_first=0.67), 3, "cannot be met by token steps"),
+    (vidprune.TapeConfig(keep=0.5), 2, "cannot be met by token steps: 1 of the call's 2 steps"),
+    (vidprune.TapeConfig(keep=0.3), 3, "cannot be met by token steps"),
+    (vidprune.TapeConfig(keep=0.5), 1, "cannot be met in a 1-step call"),
+    (vidprune.TapeConfig(keep=0.9, budget="cycle"), 3, "leaves no reuse step"),
+])
+def test_a_budget_the_call_cannot_meet_is_refused_and_following_the_advice_runs(clean, config, steps, match):
+    """API: the call is refused before any step runs (the patched pipeline is left as it was);
+    then the configuration the message advises runs, and its stats show the planned keep."""
+    pipe = clean["t2v"]
+    vidprune.apply(pipe, config.with_(**SMALL_SPANS))
+    with block_tokens(pipe.transformer) as seen, pytest.raises(ValueError, match=match) as refused:
+        run(pipe, "t2v", num_inference_steps=steps)
+    assert seen == []  # no block ran
+    message = str(refused.value)
+    if "--keep" in message:
+        advised = [config.with_(keep=_advice_keep(message)), config.with_(budget="cycle")]
+    elif "lower them" in message:
+        advised = [config.with_(dense_first=0.0, dense_last=0.0)]
+    elif "1-step call" in message:
+        advised = [vidprune.TapeConfig.paper(config.keep)]
+    else:  # the cycle's advice: a lower keep
+        advised = [config.with_(keep=float(re.search(r"at most ([0-9.]+)", message).group(1)))]
+    for advice in advised:
+        vidprune.apply(pipe, advice.with_(**SMALL_SPANS))
+        run(pipe, "t2v", num_inference_steps=steps)
+        stats = vidprune.stats(pipe)
+        assert stats.mean_keep < 1.0 and stats.mean_keep >= advice.keep - 1e-9
+        assert stats.mean_keep < advice.keep + 1 / steps
+
+
+def test_the_cli_checks_the_same_rule_before_loading_and_takes_its_advice():
+    from vidprune.cli_arguments import check_budget
+
+    with pytest.raises(ValueError, match="--budget cycle") as refused:
+        check_budget(vidprune.TapeConfig(keep=0.5), 2)
+    assert check_budget(vidprune.TapeConfig(keep=0.5, budget="cycle"), 2) == [1.0, 0.0]
+    assert sum(check_budget(vidprune.TapeConfig(keep=_advice_keep(str(refused.value))), 2)) / 2 >= 0.5

@@ -83,3 +83,11 @@ def test_calibrating_a_tiny_pipeline_meets_the_costs_and_beats_the_even_rule(cle
         profile.save(path)
         assert search.error(list(BudgetProfile.load(path).keeps)) == pytest.approx(profile.calibration["error"])
     vidprune.remove(pipe)
+
+
+def test_neighbours_of_keeps_below_every_level_measure_them_as_the_cheapest_level():
+    """The even rule's token keeps can fall below a tokens-only search's cheapest level."""
+    sensitivity = {(s, level): float(s) * (1 - level) for s in range(1, 4) for level in (0.5, 0.25)}
+    keeps = [1.0, 0.125, 0.125, 0.5]
+    moved = neighbours(keeps, (0.5, 0.25), sensitivity, cost, sum(cost(k) for k in keeps) / 4)
+    assert all(m[0] == 1.0 for m in moved)

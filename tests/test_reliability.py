@@ -33,7 +33,8 @@ BAD_FIELDS = (
         ("query_samples", 0), ("refresh_every", 1), ("seed", 2**64), ("reselect_layers", 5), ("reselect_layers", "12"),
         ("reselect_layers", []), ("reselect_layers", [3, 1]), ("reselect_layers", [1, True]), ("importance", "norm"),
         ("importance", None), ("schedule", "exp"), ("cache", "spans"), ("cache", None), ("change_since", "last"),
-        ("per_frame", 1), ("share_cfg_selection", "yes"), ("record_selections", None)]]
+        ("per_frame", 1), ("share_cfg_selection", "yes"), ("record_selections", None), ("budget", "weekly"),
+        ("budget", 0.5), ("budget", None), ("budget", [1.0, 2.0]), ("budget", [0.0, 0.0]), ("budget", [0.5, 1.0])]]
     + [(vidprune.LipDetection, f, v) for f in ("tau", "sigma") for v in NOT_NUMBERS + [-1.0]]
     + [(vidprune.LipDetection, f, v) for f, v in [
         ("tau2", math.nan), ("tau2", 0.0), ("tau2", True), ("trim", math.nan), ("trim", 0.5), ("target_prune", 1.0),

@@ -198,3 +198,23 @@ def test_block_replay_with_per_token_modulation():
                                            {**inputs, "timestep": torch.linspace(0.0, 900.0, 8).unsqueeze(0)})
     assert captured["temb"].shape[:3] == (1, 8, 6)  # 2 x 2 x 2 tokens, each its own modulation
     assert exact
+
+
+def test_two_experts_follow_the_one_budget_rule(two_experts):
+    """Where the expert switch leaves no step to prune, the call is refused like one transformer's
+    (naming the switch); the advice (more steps, or the keep it names) runs."""
+    pipe = two_experts
+    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, dense_first=0.0))
+    timesteps = _timesteps_of(pipe, 2)
+    boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
+    assert timesteps[0] >= boundary > timesteps[1]  # a 2-step call switches experts at its second step
+    with pytest.raises(ValueError, match="each step where another transformer takes over are dense.*give more steps"):
+        run(pipe, num_inference_steps=2)
+    run(pipe, num_inference_steps=STEPS)
+    assert vidprune.stats(pipe).mean_keep == pytest.approx(0.5)
+    vidprune.remove(pipe)
+
+
+def _timesteps_of(pipe, steps: int) -> list[float]:
+    pipe.scheduler.set_timesteps(steps)
+    return pipe.scheduler.timesteps.tolist()

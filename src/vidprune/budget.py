@@ -146,44 +146,75 @@ def needs_filled_memory(config: TapeConfig) -> bool:
 def plan_keeps(config: TapeConfig, sigmas: Sequence[float], model_starts: Sequence[int] = ()) -> list[float]:
     """Keep of every step of a call whose step noise levels are `sigmas` (in order), by the
     config's budget; `model_starts`: steps where another transformer takes over (dense when
-    the budget stands on memories, which start empty there)."""
+    the budget stands on memories, which start empty there).
+
+    One rule for every budget, one transformer or two: a budget is met or refused. The plan's
+    mean is the config's keep (the cycle rule: rounded up to whole steps) and at least one step
+    prunes; where the call's steps cannot give that, a ValueError says what to change (tested
+    to work), before any step runs."""
     count = len(sigmas)
     if config.keep >= 1.0 or count == 0:
         return [1.0] * count
     must_compute = {0, *(s for s in model_starts if 0 <= s < count)} if needs_filled_memory(config) else set()
     budget = config.budget
     if isinstance(budget, (tuple, BudgetProfile)):
-        keeps = list(budget.keeps if isinstance(budget, BudgetProfile) else budget)
-        if len(keeps) != count:
-            made = "this profile was made" if isinstance(budget, BudgetProfile) else "this list of keeps is"
-            raise ValueError(f"TapeConfig(budget=...): {made} for {len(keeps)} steps and the call runs {count}: make a "
-                             f"profile for {count} steps with `{CALIBRATE_HINT.format(steps=count)}`, or call with "
-                             f"{len(keeps)} steps")
-        return [1.0 if i in must_compute else k for i, k in enumerate(keeps)]
+        return _listed(budget, count, must_compute)
+    if needs_filled_memory(config) and count == 1:
+        raise ValueError(f"keep={config.keep} cannot be met in a 1-step call: its one step is dense, as it fills the "
+                         "token cache; TapeConfig.paper(keep) prunes without a cache, or give more steps")
     first, last = dense_steps(config.dense_first, count), dense_steps(config.dense_last, count)
     full = set(range(first)) | set(range(count - last, count)) | must_compute
     rest = [i for i in range(count) if i not in full]
+    switch = " (and each step where another transformer takes over)" if len(must_compute) > 1 else ""
     if not rest:
-        return [1.0] * count
+        if set(range(count)) == must_compute:
+            raise ValueError(f"keep={config.keep} cannot be met in {count} steps: the first step and each step where "
+                             "another transformer takes over are dense (they fill its token cache), and that is every "
+                             "step: give more steps")
+        raise ValueError(f"keep={config.keep} cannot be met: dense_first={config.dense_first} and "
+                         f"dense_last={config.dense_last} make all {count} steps of the call dense{switch}: lower them")
     if budget == "cycle":
-        return _cycle(count, full, rest, config.keep)
+        return _cycle(config.keep, count, full, rest)
     target_mean = (config.keep * count - len(full)) / len(rest)
     if target_mean < config.min_keep:
+        least = math.ceil((len(full) + config.min_keep * len(rest)) / count * 1000) / 1000
         raise ValueError(
-            f"keep={config.keep} cannot be met with {len(full)} of {count} steps unpruned and "
-            f"min_keep={config.min_keep}: raise keep, or lower dense_first/dense_last or min_keep"
+            f"keep={config.keep} cannot be met by token steps: {len(full)} of the call's {count} steps are dense"
+            f"{switch}, so the others would keep {max(target_mean, 0):.3g}, below min_keep={config.min_keep}: raise "
+            f"keep to at least {least:g} (CLI: --keep {least:g}), or, for TAPE alone, use budget='cycle' (CLI: --budget "
+            "cycle), whose reuse steps meet any keep"
         )
     offset = _solve_offset(config, [sigmas[i] for i in rest], target_mean)
     return [1.0 if i in full else _keep(config, offset, sigmas[i]) for i in range(count)]
 
 
-def _cycle(count: int, full: set[int], rest: list[int], keep: float) -> list[float]:
+def _listed(budget: tuple[float, ...] | BudgetProfile, count: int, must_compute: set[int]) -> list[float]:
+    """A per-step list or profile, checked against the call: its step count, and dense steps
+    where the call needs them (where another transformer takes over)."""
+    keeps = list(budget.keeps if isinstance(budget, BudgetProfile) else budget)
+    if len(keeps) != count:
+        made = "this profile was made" if isinstance(budget, BudgetProfile) else "this list of keeps is"
+        raise ValueError(f"TapeConfig(budget=...): {made} for {len(keeps)} steps and the call runs {count}: make a "
+                         f"profile for {count} steps with `{CALIBRATE_HINT.format(steps=count)}`, or call with "
+                         f"{len(keeps)} steps")
+    undense = sorted(step for step in must_compute if keeps[step] < 1.0)
+    if undense:
+        raise ValueError(f"TapeConfig(budget=...) prunes step {undense[0]}, where another transformer takes over and its "
+                         f"token cache starts empty: give that step keep 1.0")
+    return keeps
+
+
+def _cycle(keep: float, count: int, full: set[int], rest: list[int]) -> list[float]:
     """Dense steps spread evenly over `rest`, each closing its cycle (reuse first, as a step
     cache skips after its dense start; the last step is dense), the others reuse steps, so
     that the mean keep over all `count` steps is as close to `keep` as whole steps allow
     (rounded up: never cheaper than asked)."""
     dense = min(len(rest), max(0, math.ceil(keep * count - len(full) - 1e-9)))
-    chosen = {rest[math.ceil((j + 1) * len(rest) / dense) - 1] for j in range(dense)}
+    if dense == len(rest):
+        raise ValueError(f"keep={keep} with budget='cycle' leaves no reuse step in {count} steps ({len(full)} dense at "
+                         f"the start or end): lower keep to at most {math.floor((count - 1) / count * 1000) / 1000:g}, or "
+                         "dense_first")
+    chosen = {rest[math.ceil((j + 1) * len(rest) / dense) - 1] for j in range(dense)} if dense else set()
     return [1.0 if i in full or i in chosen else 0.0 for i in range(count)]
 
 

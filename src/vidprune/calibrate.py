@@ -117,6 +117,8 @@ def neighbours(keeps: list[float], levels: Sequence[float], sensitivity: dict[tu
     def error(step: int, keep: float) -> float:
         if keep >= 1.0:
             return 0.0
+        if keep <= ladder[0]:  # at or below the cheapest level: as that level (no measurement below it)
+            return sensitivity[(step, ladder[0])]
         above = min(level for level in ladder if level >= keep)
         below = max(level for level in ladder if level <= keep)
         at = lambda level: 0.0 if level == 1.0 else sensitivity[(step, level)]  # noqa: E731

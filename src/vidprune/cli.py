@@ -85,14 +85,14 @@ def generate(args: argparse.Namespace) -> None:
         config = config.with_(budget=args.budget)
     check_output_path(args.output, args.overwrite)
     settings = call_settings(args)
-    check_budget(config, settings["num_inference_steps"])
+    planned = check_budget(config, settings["num_inference_steps"])
     if args.model is None:
         warn_untrained_size(args.frames, args.height, args.width)
     pipe = load_pipeline(args.model, device, dtype)
     if config is not None:
         apply(pipe, config)
-    print(f"method: {args.method}" + (f" (mean keep {config.keep:.3g}, budget {budget_name(config)})"
-                                      if config is not None else ""))
+    print(f"method: {args.method}" + ("" if config is None else f" (budget {budget_name(config)}, mean keep "
+                                      f"{sum(planned) / len(planned):.3g})"))
 
     def run() -> tuple[object, float]:
         started = time.perf_counter()

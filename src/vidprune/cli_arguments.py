@@ -97,11 +97,10 @@ def check_edit_steps(steps: int, strength: float) -> None:
                          f"{1 / steps:.3g} or more --steps")
 
 
-def check_budget(config: TapeConfig | None, steps: int) -> None:
-    """Refuse, before loading, a mean keep that the call's steps cannot meet (a few steps and
-    the dense first ones): the schedule's own message says what to change."""
-    if config is not None:
-        plan_keeps(config, [1 - i / steps for i in range(steps)])
+def check_budget(config: TapeConfig | None, steps: int) -> list[float] | None:
+    """The keep of every step, or a refusal before loading of a budget the call's steps cannot
+    meet (the budget's own message says what to change)."""
+    return None if config is None else plan_keeps(config, [1 - i / steps for i in range(steps)])
 
 
 # -- the demo model's size ---------------------------------------------------------------------

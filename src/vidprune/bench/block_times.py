@@ -76,10 +76,13 @@ class BlockTimes:
         return table
 
     def blocks_ms(self, tokens_at: dict[int, int] | None = None) -> float:
-        """All blocks of one forward, block `layer` on tokens_at[layer] tokens (default: all)."""
+        """All blocks of one forward, block `layer` on tokens_at[layer] tokens (default: all;
+        0: the block does not run)."""
         tokens_at = tokens_at or {}
-        return sum(self.block_ms(layer, tokens_at.get(layer, self.tokens)) for layer in range(len(self.blocks)))
+        tokens = [tokens_at.get(layer, self.tokens) for layer in range(len(self.blocks))]
+        return sum(self.block_ms(layer, count) for layer, count in enumerate(tokens) if count)
 
     def pruned_blocks_ms(self, record: ForwardRecord) -> float:
-        """All blocks of a pruned forward as vidprune recorded it: each span's blocks on its tokens."""
+        """All blocks of a pruned forward as vidprune recorded it: each span's blocks on its tokens
+        (none on a reuse step)."""
         return self.blocks_ms({layer: span.tokens for span in record.spans for layer in range(span.start, span.end + 1)})
