@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -68,7 +69,7 @@ def frames_folder(path, count: int = 5, corrupt: int | None = None):
         if f == corrupt:
             (path / f"{f:03d}.png").write_bytes(b"not an image")
         else:
-            Image.fromarray(np.full((32, 32, 3), 40 * f, np.uint8)).save(path / f"{f:03d}.png")
+            Image.fromarray(np.full((32, 32, 3), 40 * f % 256, np.uint8)).save(path / f"{f:03d}.png")
     return path
 
 
@@ -231,8 +232,57 @@ def test_a_failed_write_leaves_no_file_and_keeps_the_old_one(encoder, message, t
 def test_a_failed_write_is_reported_not_a_success(tmp_path, monkeypatch, capsys, fake_pipe):
     monkeypatch.setattr(video_io, "_encode", failing_encoder)
     code, out, err = run_cli([*GEN, "--method", "none", "-o", str(tmp_path / "clip.mp4")], capsys)
-    assert code == 2 and err == "vidprune: No space left on device\n"
+    assert code == 2
+    assert err == f"vidprune: could not write '{tmp_path / 'clip.mp4'}': the video encoder failed (No space left on device)\n"
     assert "generated" not in out and list(tmp_path.iterdir()) == []
+
+
+# A folder nobody can write in, root included (permission bits do not stop root).
+PROC = "/proc"
+linux_only = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+
+
+def read_only_folder(tmp_path) -> str:
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    return str(folder)
+
+
+@pytest.mark.parametrize("folder", [
+    pytest.param(lambda tmp_path: PROC, marks=linux_only, id="under /proc"),
+    pytest.param(read_only_folder, id="read-only folder",
+                 marks=pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                                          reason="root writes in a read-only folder")),
+])
+@pytest.mark.parametrize("command", [GEN, EDIT], ids=["generate", "edit"])
+def test_an_unwritable_output_is_refused_before_any_work(command, folder, tmp_path, monkeypatch, capsys, no_model):
+    monkeypatch.chdir(tmp_path)
+    frames_folder(tmp_path / "frames")
+    monkeypatch.setattr(cli, "read_video", lambda *args: pytest.fail("the input was read before the output check"))
+    output = os.path.join(folder(tmp_path), "sub", "out.mp4")
+    before = sorted(tmp_path.rglob("*"))
+    code, out, err = run_cli([*command, "-o", output], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"vidprune: output '{output}' is not accepted: could not write in folder '{folder(tmp_path)}'")
+    assert err.endswith("give a path in a writable folder\n")
+    assert out == "" and sorted(tmp_path.rglob("*")) == before
+
+
+@linux_only
+@pytest.mark.parametrize("command", [GEN, EDIT], ids=["generate", "edit"])
+def test_a_write_failing_at_the_end_is_one_line_without_the_encoder_command(command, tmp_path, monkeypatch, capfd,
+                                                                            fake_pipe):
+    """The folder passes the check, then the real ffmpeg encoder cannot open its file (sent under /proc):
+    one line of ours on stderr, none of ffmpeg's, no command line, no file left."""
+    monkeypatch.chdir(tmp_path)
+    frames_folder(tmp_path / "frames", count=17)  # the demo model's trained size: no warning
+    encode = video_io._encode
+    monkeypatch.setattr(video_io, "_encode", lambda frames, path, fps: encode(frames, Path("/proc") / path.name, fps))
+    code, out, err = run_cli([*command, "--method", "none", "-o", "out.mp4"], capfd)
+    assert code == 2 and fake_pipe.calls  # the call ran, then the write failed
+    assert err.startswith("vidprune: could not write 'out.mp4': ")  # the encoder's error, or that it wrote no file
+    assert err.count("\n") == 1 and "FFMPEG" not in err and "ffmpeg" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames"]
 
 
 # -- the demo model on real footage ------------------------------------------------------------

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import torch
+from diffusers import WanPipeline, WanVideoToVideoPipeline
 
 from .adapters import ADAPTERS, adapter_for, supported_pipelines
 from .demo.pipeline import DEFAULT_CALL, MODEL_DIR, load_demo_pipeline
@@ -49,12 +50,13 @@ def load_pipeline(model: str | None, device: str, dtype: torch.dtype, video_to_v
     if model is not None and folder_pipeline_class(model) is not None:
         check_pipeline_class(folder_pipeline_class(model), model, video_to_video)
     print("loading the model...")
-    if model is None:
-        print(f"model: vidprune's demo Wan pipeline ({MODEL_DIR}), a small model trained on procedural clips: "
-              "a test bed, not a product model")
-        pipe = load_demo_pipeline()
-    elif _is_demo_folder(model):  # a demo model retrained with vidprune.demo.train: no text encoder inside
-        pipe = load_demo_pipeline(model)
+    if model is None or _is_demo_folder(model):  # the shipped demo model, or one retrained with vidprune.demo.train
+        if model is None:
+            print(f"model: vidprune's demo Wan pipeline ({MODEL_DIR}), a small model trained on procedural clips: "
+                  "a test bed, not a product model")
+        # in the class and dtype it runs in: from_pipe and .to(dtype) would cast Wan's float32 modules, and warn
+        pipe = load_demo_pipeline(model, dtype=dtype,
+                                  pipeline_class=WanVideoToVideoPipeline if video_to_video else WanPipeline)
     else:
         from diffusers import DiffusionPipeline
 

@@ -97,7 +97,8 @@ def apply(target: Any, config: TapeConfig | LipConfig) -> Any:
 
     Applying again replaces the earlier patch. Returns `target`. Step caches that skip whole
     blocks (diffusers' FirstBlockCache, MagCache) stack with TAPE: enable them after this call
-    and disable them before `remove`. Caches that reuse per-token attention or FFN outputs
+    and disable them before `remove`. FirstBlockCache needs the first block unpruned (TAPE's
+    first_pruned_layer >= 1; not LIP), which the first forward checks. Caches that reuse per-token attention or FFN outputs
     across steps (PyramidAttentionBroadcast, FasterCache, TaylorSeer) do not compose with a
     selection that changes between steps.
     """

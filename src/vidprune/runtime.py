@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
 
 from .adapters import Adapter
 from .graphs import Graph, SpanGraphs
@@ -207,6 +208,7 @@ class TokenPruner:
     def begin_forward(self, inputs: dict[str, Any]) -> None:
         if not self.handles_forward():
             return
+        check_step_cache(self)
         if self.graph_factory is not None and torch.is_grad_enabled():
             # A replay records no autograd graph: gradients through it would be silently wrong.
             raise RuntimeError("compile_blocks(graphs=True) runs pruned spans for inference only: call the model "
@@ -356,6 +358,23 @@ class TokenPruner:
         if open_span.index is None:
             return kept_output
         return scatter_tokens(open_span.input, open_span.index, kept_output)
+
+
+def check_step_cache(pruner: TokenPruner) -> None:
+    """Refuse diffusers' FirstBlockCache deciding on a block that vidprune prunes (a ValueError,
+    before the forward computes anything): the cache subtracts that block's input from its output
+    and compares the result between steps, tensors of different lengths inside a span. MagCache
+    reads only the first block's input and the last block's output, full length around any span."""
+    blocks = pruner.adapter.blocks(pruner.transformer)
+    for span in pruner.spans:
+        for layer in range(span.start, span.end + 1):
+            registry = getattr(blocks[layer], "_diffusers_hook", None)
+            if registry is not None and registry.get_hook(_FBC_LEADER_BLOCK_HOOK) is not None:
+                raise ValueError(
+                    f"diffusers' FirstBlockCache decides from block {layer}'s output, which vidprune prunes (layers "
+                    f"{span.start}-{span.end}): that block must run on all tokens. With TAPE give "
+                    "TapeConfig(first_pruned_layer >= 1); LIP prunes from block 0, so stack it with MagCache instead "
+                    "(or disable the cache)")
 
 
 class TransformerHook(ModelHook):

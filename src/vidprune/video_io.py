@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,9 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
 
 def check_folder(folder: str | Path, what: str | None = None) -> Path:
     """The folder as a Path if files can be written in it, existing or to be created, else
-    ValueError naming it as `what` (default: the folder's path); checked before long work."""
+    ValueError naming it as `what` (default: the folder's path); checked before long work.
+    Writability is tried, not inferred from permission bits, which root, read-only mounts and
+    special file systems (/proc) do not follow: a nameless file is created there and dropped."""
     folder = Path(folder)
     what = what or f"folder {str(folder)!r}"
     existing = folder
@@ -28,8 +31,12 @@ def check_folder(folder: str | Path, what: str | None = None) -> Path:
         existing = existing.parent
     if not existing.is_dir():
         raise ValueError(f"{what} is not accepted: {str(existing)!r} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} is not accepted: folder {str(existing)!r} is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(f"{what} is not accepted: could not write in folder {str(existing)!r} "
+                         f"({error.strerror or error}); give a path in a writable folder") from error
     return folder
 
 
@@ -62,8 +69,12 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = 16, overwrite: 
     # Named here rather than made by tempfile, which would create it readable by its owner only.
     temporary = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}")
     try:
-        _encode(frames, temporary, fps)
-        # imageio's ffmpeg writer reports some failures (a path it cannot open) only on stderr.
+        try:
+            _encode(frames, temporary, fps)
+        except (OSError, RuntimeError) as error:  # imageio's ffmpeg appends its command line: keep the first line
+            raise OSError(f"could not write {str(path)!r}: the video encoder failed "
+                          f"({(str(error).strip().splitlines() or [type(error).__name__])[0]})") from error
+        # imageio's ffmpeg writer reports some failures (a path it cannot open) only in ffmpeg's output.
         if not temporary.is_file() or temporary.stat().st_size == 0:
             raise OSError(f"could not write {str(path)!r}: the encoder wrote no file")
         os.replace(temporary, path)
@@ -82,8 +93,10 @@ def _encode(frames: np.ndarray, path: Path, fps: int) -> None:
     require("io", f"writing {str(path)!r}")
     import imageio.v2 as imageio
 
-    # macro_block_size=1 keeps odd sizes as they are instead of resizing them.
-    with imageio.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1) as writer:
+    # macro_block_size=1 keeps odd sizes as they are instead of resizing them; ffmpeg itself prints
+    # nothing (a failure is write_video's one-line error).
+    with imageio.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                            ffmpeg_log_level="quiet") as writer:
         for frame in frames:
             writer.append_data(frame)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 import torch
-from diffusers import WanPipeline
+from diffusers import WanPipeline, WanVideoToVideoPipeline
 
 from .text_encoder import load_text_encoder
 
@@ -54,19 +54,27 @@ def load_minilm(path: str | Path | None = None):
 
 
 def load_demo_pipeline(path: str | Path | None = None, device: str | torch.device = "cpu",
-                       dtype: torch.dtype = torch.float32,
-                       text_encoder_path: str | Path | None = None) -> WanPipeline:
+                       dtype: torch.dtype = torch.float32, text_encoder_path: str | Path | None = None,
+                       pipeline_class: type[WanPipeline] | type[WanVideoToVideoPipeline] = WanPipeline,
+                       ) -> WanPipeline | WanVideoToVideoPipeline:
     """The trained demo WanPipeline from `path` (default: the `model` folder beside this file),
-    with the MiniLM tokenizer and text encoder, from local files only, on `device` in `dtype`.
-    Call it with DEFAULT_CALL's settings (max_sequence_length=64 in particular)."""
+    with the MiniLM tokenizer and text encoder, from local files only, on `device` in `dtype`;
+    as `pipeline_class` (WanVideoToVideoPipeline to edit). Call it with DEFAULT_CALL's settings
+    (max_sequence_length=64 in particular)."""
     path = Path(path) if path is not None else MODEL_DIR
     missing = [name for name in _REQUIRED if not (path / name).is_file()]
     if missing:
         raise FileNotFoundError(f"no demo model at {path} (missing {', '.join(missing)}); {HOW_TO_MAKE}")
     tokenizer, text_encoder = load_minilm(text_encoder_path)
     try:
-        pipe = WanPipeline.from_pretrained(path, tokenizer=tokenizer, text_encoder=text_encoder, local_files_only=True)
+        # In `dtype` at load, where diffusers keeps the modules Wan wants in float32 (a later
+        # .to(dtype) would cast them, and warns); without the text encoder, which the folder
+        # does not hold: MiniLM is registered after loading, as diffusers' check of the component
+        # types at load wants Wan's UMT5 and warns of the BertModel.
+        pipe = pipeline_class.from_pretrained(path, tokenizer=None, text_encoder=None, dtype=dtype,
+                                              local_files_only=True)
     except Exception as error:  # any unreadable file: say which folder and how to remake it
         raise ValueError(f"the demo model at {path} could not be loaded ({type(error).__name__}: {error}); "
                          f"it may be incomplete or corrupt: {HOW_TO_MAKE}") from error
-    return pipe.to(device=device, dtype=dtype)
+    pipe.register_modules(tokenizer=tokenizer, text_encoder=text_encoder.to(dtype))
+    return pipe.to(device)
