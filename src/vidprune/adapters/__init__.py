@@ -9,8 +9,10 @@ from .cogvideox import CogVideoXAdapter
 from .hunyuan import HunyuanVideoAdapter
 from .ltx import LTXAdapter
 from .wan import WanAdapter
+from .wan_vace import WanVACEAdapter
 
-ADAPTERS: tuple[Adapter, ...] = (WanAdapter(), LTXAdapter(), CogVideoXAdapter(), HunyuanVideoAdapter())
+ADAPTERS: tuple[Adapter, ...] = (WanAdapter(), LTXAdapter(), CogVideoXAdapter(), HunyuanVideoAdapter(),
+                                 WanVACEAdapter())
 
 
 class UnsupportedModelError(TypeError):
