@@ -21,8 +21,10 @@ model, on pruned forwards, a hint object whose `.to(device)` (the model's first 
 gathers at the kept tokens of the span open at that moment, or gives all of it when no span is
 open (after a span's last block, which hands the model the full-length output). A hint after a
 span's last block is thus added by the model at full length, as unpruned. The control blocks
-are not pruned: they run before any main block, so before any selection; their FLOPs are
-counted as unpruned work (`unpruned_flops`).
+are not pruned: they run before any main block, so before any selection (pruning them would
+need one made from the control stream alone). They are 15 of Wan2.1-VACE-1.3B's 45 blocks and 8
+of 14B's 48, which bounds TAPE's speedup there; their FLOPs are counted as unpruned work
+(`unpruned_flops`).
 
 Reference images (WanVACEPipeline(reference_images=...)) are extra latent frames before the
 video's, in the noisy latents and in the control latents, and the model gives them RoPE
@@ -32,8 +34,8 @@ but every span computes all of their tokens (`complete_selection`): the video re
 subject's appearance from them through attention, so they are context, not content to skip,
 and they are few (one latent frame per image, against 21 for 81 video frames). The pipeline
 marks them: their control channels past the inactive video latents (the reactive video latents
-and the mask) are exact zeros, which a video frame's are not (a frame fully masked out still has
-the VAE's encoding of a blank frame there). TAPE's keep applies to the selection before the
+and the mask) are exact zeros, which a video frame's are not (where a frame's mask is zero
+everywhere, its reactive latents are the VAE's normalised encoding of a blank frame, not zeros). TAPE's keep applies to the selection before the
 reference tokens are added, so a span's token count (`stats`) can be above it.
 
 Not with TAPE's cache="block" (its replay of the pruned tokens through the span's blocks would
