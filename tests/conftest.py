@@ -136,3 +136,18 @@ def feed_forward_shapes(blocks) -> tuple[list, list]:
     seen = []
     handles = [block.ff.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[:2]))) for block in blocks]
     return seen, handles
+
+
+def record_block_calls(blocks) -> tuple[dict, list]:
+    """Hooks keeping each block's last call as [its arguments by name, its output], by block
+    index: the arguments as the model passes them (full length: vidprune gathers inside the
+    block's forward), the output as the model gets it (scattered back at a span's last block).
+    Returns (the record, the hook handles)."""
+    from vidprune.runtime import bind_arguments
+
+    calls, handles = {}, []
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(
+            lambda m, a, kw, i=i: calls.__setitem__(i, [bind_arguments(type(m).forward, a, kw)]), with_kwargs=True))
+        handles.append(block.register_forward_hook(lambda m, a, out, i=i: calls[i].append(out)))
+    return calls, handles

@@ -26,8 +26,8 @@ from PIL import Image
 import vidprune
 from vidprune.adapters import adapter_for
 from vidprune.bench import build_transformer
-from vidprune.runtime import bind_arguments
 
+from conftest import record_block_calls
 from tiny_vaes import cogvideox_vae, hunyuan_vae, ltx_vae
 
 TEXT = 7
@@ -209,12 +209,7 @@ def test_span_blocks_run_on_the_kept_tokens_own_per_token_inputs(case):
     family = {"LTXVideoTransformer3DModel": "ltx", "CogVideoXTransformer3DModel": "cogvideox"}.get(
         type(pipeline.transformer).__name__, "hunyuan")
     blocks = adapter_for(pipeline.transformer).blocks(pipeline.transformer)
-    captured = {}  # block -> (full-length inputs, output), of the last forward
-    handles = []
-    for i, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(
-            lambda m, a, kw, i=i: captured.__setitem__(i, [bind_arguments(type(m).forward, a, kw)]), with_kwargs=True))
-        handles.append(block.register_forward_hook(lambda m, a, out, i=i: captured[i].append(out)))
+    captured, handles = record_block_calls(blocks)  # block -> (full-length inputs, output), of the last forward
     vidprune.apply(pipeline, vidprune.TapeConfig.paper(keep=0.5, schedule="constant", record_selections=True,
                                                        **ONE_BLOCK_SPANS))
     try:

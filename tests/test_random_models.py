@@ -37,7 +37,8 @@ def test_every_family_has_a_usual_and_a_tiny_shape_and_random_names():
         for name, shape in adapter.benchmark_shapes.items():
             families.setdefault(shape.family, set()).add(shape.tiny)
             assert RANDOM_MODELS[f"{name}-random"] == name
-    assert families == {family: {False, True} for family in ("wan2.1", "wan2.2", "cogvideox", "hunyuanvideo", "ltx")}
+    assert families == {family: {False, True}
+                        for family in ("wan2.1", "wan2.2", "wan2.1-vace", "cogvideox", "hunyuanvideo", "ltx")}
     with pytest.raises(ValueError, match="accepted: wan-1.3b"):
         benchmark_shape("wan-2b")
 

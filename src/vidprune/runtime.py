@@ -231,12 +231,13 @@ class TokenPruner:
         record = current.record
         span_at = {layer: span for span in record.spans for layer in range(span.start, span.end + 1)}
         flops = functools.partial(self.adapter.block_flops, self.transformer, context_tokens=record.context_tokens)
-        record.block_flops = sum(
+        unpruned = self.adapter.unpruned_flops(self.transformer, record.tokens, record.context_tokens)
+        record.block_flops = unpruned + sum(
             (0.0 if span_at[layer].reused else flops(span_at[layer].tokens, keys=span_at[layer].keys))
             if layer in span_at else flops(record.tokens)
             for layer in range(self.num_layers)
         )
-        record.block_flops_unpruned = self.num_layers * flops(record.tokens)
+        record.block_flops_unpruned = unpruned + self.num_layers * flops(record.tokens)
         self.state.stats.forwards.append(record)
         self.state.stats.memory_bytes = max(self.state.stats.memory_bytes, self.held_bytes())
         output = self.finish_forward(current, output) if current.active else output
@@ -261,6 +262,8 @@ class TokenPruner:
             # A selection is global (the same on every rank under context parallelism); the
             # span runs on this rank's part of it.
             index = self.select(block, inputs, span)
+            if index is not None:  # with the tokens the family always computes
+                index = self.adapter.complete_selection(self.transformer, current.inputs, index)
             recorded = index if index is not None and self.records_selections(span) else None
             current.record.spans.append(SpanRecord(
                 span.start, span.end, current.grid.size if index is None else index.shape[1], current.grid,
@@ -433,6 +436,7 @@ def attach(pruner: TokenPruner) -> TokenPruner:
             hook = BlockHook(pruner, span, layer)
             _inside_cp_hooks(blocks[layer], lambda block_registry: block_registry.register_hook(hook, HOOK_NAME))
             pruner.block_forwards[layer] = hook.fn_ref.original_forward
+    pruner.adapter.register_hooks(pruner, HOOK_NAME)
     registry.invalidate_child_registries_cache()
     pruner.on_attach()
     return pruner

@@ -212,6 +212,24 @@ class Adapter:
         `keys` keys (default: as many as tokens; attention is counted as tokens x keys)."""
         raise NotImplementedError
 
+    def unpruned_flops(self, transformer: torch.nn.Module, tokens: int, context_tokens: int) -> float:
+        """Approximate FLOPs of a forward's work outside `blocks` that runs on all `tokens` however
+        the blocks prune (VACE's control blocks), counted in the FLOPs a forward spends and would
+        spend unpruned; none by default (the embeddings and output head are left out of both)."""
+        return 0.0
+
+    def register_hooks(self, pruner: Any, name: str) -> None:
+        """Register the diffusers hooks the family needs on modules outside `blocks` (VACE's
+        control blocks), under `name`: removing vidprune's hooks removes them with the blocks'.
+        None by default."""
+
+    def complete_selection(self, transformer: torch.nn.Module, inputs: dict[str, Any],
+                           index: torch.Tensor) -> torch.Tensor:
+        """The tokens a span computes, from a method's sorted selection `index` (batch or 1, kept)
+        and the forward's arguments by name `inputs`: tokens the family must always compute are
+        added (VACE's reference-image frames). The selection itself by default."""
+        return index
+
 
 def cross_attention_block_flops(dim: int, ffn_dim: int, tokens: int, context_tokens: int,
                                 keys: int | None = None) -> float:

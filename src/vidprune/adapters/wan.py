@@ -44,6 +44,19 @@ WAN_SHAPES = {
 }
 
 
+def wan_scheduler() -> UniPCMultistepScheduler:
+    """The benchmark Wan pipelines' scheduler: UniPC on flow sigmas, flow_shift 3.0 (Wan's 480p setting)."""
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+
+
+def wan_experts(transformers: list[torch.nn.Module]) -> dict[str, Any]:
+    """A Wan pipeline's transformer arguments for the benchmark's random-weight `transformers`:
+    Wan2.2 A14B's two experts, `transformer` denoising t >= 0.875 * 1000 and `transformer_2` the rest."""
+    if len(transformers) == 2:
+        return dict(transformer=transformers[0], transformer_2=transformers[1], boundary_ratio=0.875)
+    return dict(transformer=transformers[0])
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, exact: bool = False) -> torch.Tensor:
     """Wan's interleaved RoPE on x (B, N, heads, head_dim) with tables (B or 1, N, 1, head_dim).
 
@@ -125,11 +138,8 @@ class WanAdapter(Adapter):
     benchmark_shapes = WAN_SHAPES
 
     def benchmark_pipeline(self, transformers: list[torch.nn.Module], shape: BenchmarkShape) -> Any:
-        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-        # Wan2.2 A14B: `transformer` denoises t >= 0.875 * 1000, `transformer_2` the rest
-        experts = dict(transformer_2=transformers[1], boundary_ratio=0.875) if len(transformers) == 2 else {}
-        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler,
-                           transformer=transformers[0], **experts)
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=wan_scheduler(),
+                           **wan_experts(transformers))
         pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial = shape.vae
         return pipe
 
