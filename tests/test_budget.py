@@ -11,7 +11,7 @@ import torch
 
 import vidprune
 from vidprune.budget import BudgetProfile, forward_cost, plan_keeps
-from vidprune.runtime import pruner_of
+from vidprune.runtime import bind_arguments, pruner_of
 
 from conftest import SMALL_SPANS, block_tokens, run
 
@@ -80,20 +80,21 @@ def test_a_profile_round_trips_through_its_file_and_is_tied_to_its_step_count(tm
 
 
 # -- reuse steps in the runtime ------------------------------------------------------------------
-def test_a_reuse_step_runs_no_span_block_and_gives_every_token_its_input_plus_its_residual(clean):
+def test_a_reuse_step_runs_no_block_and_gives_every_token_its_input_plus_its_residual(clean):
     """Steps: dense, reuse, dense. On the reuse step each span's output is its input plus the
-    residual it had at the dense step (checked by a hook on the span's first and last blocks),
-    and no block of a span runs (the tiny transformer's block 0 is outside the spans)."""
+    residual it had at the dense step (checked by hooks on the span's first and last blocks), and
+    no block runs: the layers before the first pruned span form a span of their own."""
     pipe = clean["t2v"]
     transformer = pipe.transformer
     vidprune.apply(pipe, vidprune.TapeConfig(budget=[1.0, 0.0, 1.0], **SMALL_SPANS))
     spans = pruner_of(transformer).spans
+    assert (spans[0].start, spans[0].end) == (0, SMALL_SPANS["first_pruned_layer"] - 1)
     inputs, outputs = [], []  # per forward and span: the span's input and output
     handles = []
     for span in spans:
         first, last = transformer.blocks[span.start], transformer.blocks[span.end]
-        handles.append(first.register_forward_pre_hook(lambda m, a, kw: inputs.append(kw.get("hidden_states", a[0] if a else None)),
-                                                        with_kwargs=True))
+        handles.append(first.register_forward_pre_hook(
+            lambda m, a, kw: inputs.append(bind_arguments(type(m).forward, a, kw)["hidden_states"]), with_kwargs=True))
         handles.append(last.register_forward_hook(lambda m, a, out: outputs.append(out)))
     try:
         with block_tokens(transformer) as seen:
@@ -103,8 +104,7 @@ def test_a_reuse_step_runs_no_span_block_and_gives_every_token_its_input_plus_it
             handle.remove()
     forwards_per_step = 2  # CFG: conditional and unconditional calls
     layers = len(transformer.blocks)
-    ran = [block for block, _ in seen]
-    assert len(ran) == layers * forwards_per_step * 2 + 1 * forwards_per_step  # dense steps: all; reuse: block 0 only
+    assert len(seen) == layers * forwards_per_step * 2  # the dense steps' blocks; none on the reuse step
     per_forward = len(spans)
     for branch in range(forwards_per_step):
         dense, reuse = branch * per_forward, (forwards_per_step + branch) * per_forward
@@ -114,7 +114,13 @@ def test_a_reuse_step_runs_no_span_block_and_gives_every_token_its_input_plus_it
     records = vidprune.stats(pipe).forwards
     assert [r.keep for r in records] == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
     assert all(s.reused and s.tokens == 0 for r in records[2:4] for s in r.spans)
-    assert records[2].flops_saved == pytest.approx(1 - 1 / layers)  # only block 0 ran
+    assert records[2].flops_saved == 1.0
+
+
+def test_without_reuse_steps_there_is_no_leading_span(clean):
+    pipe = clean["t2v"]
+    vidprune.apply(pipe, vidprune.TapeConfig(budget=[1.0, 0.5, 1.0], **SMALL_SPANS))
+    assert pruner_of(pipe.transformer).spans[0].start == SMALL_SPANS["first_pruned_layer"]
 
 
 def test_keep_one_and_remove_are_exact_through_every_budget_kind(clean, tmp_path):
@@ -156,7 +162,7 @@ def test_a_budgets_stated_cost_equals_the_computed_one(clean):
 
     context = stats.forwards[0].context_tokens
     stated = sum(forward_cost(k, lambda keep: kept_per_frame(grid, keep) * grid.frames, grid.size,
-                              len(transformer.blocks), sum(s.end - s.start + 1 for s in pruner.spans),
+                              len(transformer.blocks), sum(s.end - s.start + 1 for s in pruner.spans if s != pruner.lead),
                               lambda tokens: adapter.block_flops(transformer, tokens, context)) for k in keeps) / len(keeps)
     assert stated == pytest.approx(1 - stats.flops_saved, rel=1e-9)
 

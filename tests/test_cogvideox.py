@@ -209,3 +209,14 @@ def test_block_cache_is_refused_before_anything_changes(pipe):
     with pytest.raises(ValueError, match=r"cache='block'\) is not supported on CogVideoXTransformer3DModel"):
         vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, cache="block"))
     assert pruner_of(pipe.transformer) is None and type(pipe) is CogVideoXPipeline
+
+
+def test_reuse_steps_with_batched_cfg(pipe):
+    """Both CFG halves of a batched forward reuse together; the text stream takes its residual."""
+    reference = generate(pipe)
+    vidprune.apply(pipe, vidprune.TapeConfig(budget=[1.0, 0.0, 1.0], **SMALL_SPANS))
+    out = generate(pipe)
+    stats = vidprune.stats(pipe)
+    vidprune.remove(pipe)
+    assert [f.keep for f in stats.forwards] == [1.0, 0.0, 1.0]
+    assert torch.isfinite(out).all() and not torch.equal(out, reference)

@@ -279,3 +279,22 @@ def test_control_block_hooks_follow_the_spans_and_go_with_remove(pipe):
     vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, **INSIDE))
     vidprune.remove(pipe)
     assert hooked_control_blocks(pipe.transformer) == [False] * 3
+
+
+def test_a_cycle_budget_runs_with_hints_and_reuse_steps_run_no_main_block(pipe):
+    """Reuse steps with VACE: no main block runs on them (the hints are added to reused outputs
+    as to computed ones), and the call stays finite."""
+    reference = generate(pipe, references=1, steps=6)
+    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, budget="cycle", dense_first=0.0))
+    calls = []
+    handles = [block.ffn.register_forward_hook(lambda m, a, o: calls.append(1)) for block in pipe.transformer.blocks]
+    try:
+        out = generate(pipe, references=1, steps=6)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stats = vidprune.stats(pipe)
+    vidprune.remove(pipe)
+    reused = [f for f in stats.forwards if f.keep == 0.0]
+    assert reused and torch.isfinite(out).all() and not torch.equal(out, reference)
+    assert len(calls) == len(pipe.transformer.blocks) * (len(stats.forwards) - len(reused))

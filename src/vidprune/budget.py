@@ -233,9 +233,11 @@ def _nominal_offset(config: TapeConfig) -> float:
 
 def forward_cost(keep: float, tokens_kept: Callable[[float], int], tokens: int, num_layers: int,
                  span_layers: int, block_flops: Callable[[int], float]) -> float:
-    """Share of a dense forward's block FLOPs that a forward at `keep` computes: the layers
-    before the first span always run on every token; the span layers on `tokens_kept(keep)`
-    tokens (every token at keep 1, none on a reuse step)."""
-    kept = tokens if keep >= 1.0 else (0 if keep == 0.0 else tokens_kept(keep))
-    pruned_part = span_layers * block_flops(kept) if kept else 0.0
+    """Share of a dense forward's block FLOPs that a forward at `keep` computes: none on a reuse
+    step (no block runs); else the layers before the first pruned span on every token and the
+    `span_layers` pruned ones on `tokens_kept(keep)` tokens (every token at keep 1)."""
+    if keep == 0.0:
+        return 0.0
+    kept = tokens if keep >= 1.0 else tokens_kept(keep)
+    pruned_part = span_layers * block_flops(kept)
     return ((num_layers - span_layers) * block_flops(tokens) + pruned_part) / (num_layers * block_flops(tokens))

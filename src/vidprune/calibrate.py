@@ -225,7 +225,7 @@ def pipeline_search(pipe, call: Callable[[], torch.Tensor], steps: int, config: 
         remove(pipe)
     transformer, adapter, record = pipe.transformer, pruner.adapter, records[0]
     grid = records[-1].spans[0].grid
-    span_layers = sum(span.end - span.start + 1 for span in pruner.spans)
+    span_layers = sum(span.end - span.start + 1 for span in pruner.spans if span != pruner.lead)
     sigmas = [next(r.sigma for r in records if r.step == step) for step in range(steps)]
 
     def cost(keep: float) -> float:

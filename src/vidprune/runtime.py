@@ -373,6 +373,10 @@ def check_step_cache(pruner: TokenPruner) -> None:
         for layer in range(span.start, span.end + 1):
             registry = getattr(blocks[layer], "_diffusers_hook", None)
             if registry is not None and registry.get_hook(_FBC_LEADER_BLOCK_HOOK) is not None:
+                if getattr(pruner.config, "reuses", False):
+                    raise ValueError("diffusers' FirstBlockCache and a TAPE budget with reuse steps both skip whole "
+                                     "steps, and a reuse step skips FirstBlockCache's first block too: use one of "
+                                     "them (a budget without keep-0 steps composes with it)")
                 raise ValueError(
                     f"diffusers' FirstBlockCache decides from block {layer}'s output, which vidprune prunes (layers "
                     f"{span.start}-{span.end}): that block must run on all tokens. With TAPE give "
