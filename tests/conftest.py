@@ -120,9 +120,9 @@ def assert_exact_and_pruning(pipe, generate, spans: dict) -> None:
     """keep=1.0 and remove give `generate(pipe)` bit for bit; keep 0.5 on `spans` changes it and
     keeps half the tokens (a family's first pipeline test)."""
     reference = generate(pipe)
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=1.0))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=1.0))
     assert torch.equal(generate(pipe), reference)
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, dense_first=0.0, **spans))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.0, **spans))
     pruned = generate(pipe)
     assert vidprune.stats(pipe).mean_keep == 0.5
     assert torch.isfinite(pruned).all() and not torch.equal(pruned, reference)

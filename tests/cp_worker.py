@@ -102,7 +102,7 @@ def pipeline_scenarios(world: int) -> dict:
 
     pipe = build_random_wan_pipeline("t2v")
     pipe.set_progress_bar_config(disable=True)
-    config = vidprune.TapeConfig(keep=0.5, record_selections=True, **SMALL_SPANS)
+    config = vidprune.TapeConfig(budget="even", keep=0.5, record_selections=True, **SMALL_SPANS)
     results = {}
     for where in ("single", "parallel"):
         if where == "parallel":

@@ -20,7 +20,7 @@ SIGMAS_6 = [1 - i / 6 for i in range(6)]
 
 # -- rules -------------------------------------------------------------------------------------
 def test_cycle_spaces_dense_steps_among_reuse_steps_after_the_dense_start():
-    keeps = plan_keeps(vidprune.TapeConfig(keep=0.5, budget="cycle"), [1 - i / 25 for i in range(25)])
+    keeps = plan_keeps(vidprune.TapeConfig(keep=0.5), [1 - i / 25 for i in range(25)])  # the default rule: cycle
     assert keeps[:5] == [1.0] * 5 and set(keeps) == {0.0, 1.0}
     assert sum(keeps) / 25 >= 0.5 and sum(keeps) / 25 < 0.5 + 1 / 25  # whole steps, never cheaper than asked
     rest = keeps[5:]
@@ -128,7 +128,7 @@ def test_keep_one_and_remove_are_exact_through_every_budget_kind(clean, tmp_path
     reference = run(pipe, "t2v", num_inference_steps=4)
     path = tmp_path / "dense.json"
     BudgetProfile(keeps=(1.0,) * 4).save(path)
-    for budget in ("even", "cycle", [1.0] * 4, str(path)):
+    for budget in ("even", "cycle", [1.0] * 4, str(path)):  # (keep=1.0 with the rules)
         vidprune.apply(pipe, vidprune.TapeConfig(keep=1.0, budget=budget) if isinstance(budget, str) and budget in
                        ("even", "cycle") else vidprune.TapeConfig(budget=budget))
         assert torch.equal(run(pipe, "t2v", num_inference_steps=4), reference), budget
@@ -173,11 +173,11 @@ def _advice_keep(message: str) -> float:
 
 
 @pytest.mark.parametrize("config, steps, match", [
-    (vidprune.TapeConfig(keep=0.5, dense_first=1.0), 3, "make all 3 steps of the call dense: lower them"),
-    (vidprune.TapeConfig(keep=0.5, dense_first=0.5, dense_last=0.5), 3, "make all 3 steps"),
-    (vidprune.TapeConfig(keep=0.5, dense_first=0.67), 3, "cannot be met by token steps"),
-    (vidprune.TapeConfig(keep=0.5), 2, "cannot be met by token steps: 1 of the call's 2 steps"),
-    (vidprune.TapeConfig(keep=0.3), 3, "cannot be met by token steps"),
+    (vidprune.TapeConfig(keep=0.5, budget="even", dense_first=1.0), 3, "make all 3 steps of the call dense: lower them"),
+    (vidprune.TapeConfig(keep=0.5, budget="even", dense_first=0.5, dense_last=0.5), 3, "make all 3 steps"),
+    (vidprune.TapeConfig(keep=0.5, budget="even", dense_first=0.67), 3, "cannot be met by token steps"),
+    (vidprune.TapeConfig(keep=0.5, budget="even"), 2, "cannot be met by token steps: 1 of the call's 2 steps"),
+    (vidprune.TapeConfig(keep=0.3, budget="even"), 3, "cannot be met by token steps"),
     (vidprune.TapeConfig(keep=0.5), 1, "cannot be met in a 1-step call"),
     (vidprune.TapeConfig(keep=0.9, budget="cycle"), 3, "leaves no reuse step"),
 ])
@@ -210,6 +210,6 @@ def test_the_cli_checks_the_same_rule_before_loading_and_takes_its_advice():
     from vidprune.cli_arguments import check_budget
 
     with pytest.raises(ValueError, match="--budget cycle") as refused:
-        check_budget(vidprune.TapeConfig(keep=0.5), 2)
+        check_budget(vidprune.TapeConfig(keep=0.5, budget="even"), 2)
     assert check_budget(vidprune.TapeConfig(keep=0.5, budget="cycle"), 2) == [1.0, 0.0]
-    assert sum(check_budget(vidprune.TapeConfig(keep=_advice_keep(str(refused.value))), 2)) / 2 >= 0.5
+    assert sum(check_budget(vidprune.TapeConfig(keep=_advice_keep(str(refused.value)), budget="even"), 2)) / 2 >= 0.5

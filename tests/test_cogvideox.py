@@ -80,7 +80,7 @@ def test_sigma_is_the_timestep_over_1000_at_every_step(scheduler):
     CFG branches in one call; timestep / 1000 falls with the noise, which is all TAPE's
     schedule needs of it, and the default config finds its steps in scheduler.timesteps."""
     pipeline = tiny_pipeline(scheduler=scheduler(timestep_spacing="trailing"))
-    vidprune.apply(pipeline, vidprune.TapeConfig(keep=0.5, **SMALL_SPANS))
+    vidprune.apply(pipeline, vidprune.TapeConfig(budget="even", keep=0.5, **SMALL_SPANS))
     generate(pipeline)
     forwards = vidprune.stats(pipeline).forwards
     vidprune.remove(pipeline)
@@ -92,7 +92,7 @@ def test_batched_cfg_halves_compute_the_conditional_halfs_tokens():
     """[unconditional; conditional] in one batch: with share_cfg_selection both halves compute the
     conditional half's selection; without, each half its own (possible without RoPE only)."""
     pipeline = tiny_pipeline(rope=False)
-    config = vidprune.TapeConfig(keep=0.5, dense_first=0.0, refresh_every=0, record_selections=True, **SMALL_SPANS)
+    config = vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.0, refresh_every=0, record_selections=True, **SMALL_SPANS)
     selections = {}
     for share in (True, False):
         vidprune.apply(pipeline, config.with_(share_cfg_selection=share))
@@ -111,7 +111,7 @@ def test_batched_cfg_halves_compute_the_conditional_halfs_tokens():
 
 def test_samples_selecting_different_tokens_are_refused_with_rope(pipe):
     """The RoPE tables are shared by the batch: per-sample selections cannot be applied."""
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, dense_first=0.0, refresh_every=0, share_cfg_selection=False,
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.0, refresh_every=0, share_cfg_selection=False,
                                              **SMALL_SPANS))
     with pytest.raises(ValueError, match="RoPE tables have no batch axis"):
         generate(pipe)
@@ -207,7 +207,7 @@ def test_block_flops_count_the_blocks_matmuls():
 
 def test_block_cache_is_refused_before_anything_changes(pipe):
     with pytest.raises(ValueError, match=r"cache='block'\) is not supported on CogVideoXTransformer3DModel"):
-        vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, cache="block"))
+        vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, cache="block"))
     assert pruner_of(pipe.transformer) is None and type(pipe) is CogVideoXPipeline
 
 

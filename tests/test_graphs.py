@@ -177,7 +177,7 @@ def test_graphs_refuse_what_they_cannot_run_and_change_nothing(clean):
         with pytest.raises(ValueError, match="kv_source='clean'"):
             vidprune.apply(model, vidprune.LipConfig(mask=LIP_MASK, kv_source="clean"))
         with pytest.raises(ValueError, match="cache='block'"):
-            vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, cache="block"))
+            vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, cache="block"))
     assert pruner_of(model) is None and pruner_of(pipe.transformer) is None
 
 

@@ -88,9 +88,9 @@ def count_attention_tokens(model: HunyuanVideoTransformer3DModel) -> tuple[list,
 @pytest.mark.parametrize("true_cfg", [False, True])
 def test_keep_one_and_remove_bit_identical_through_the_pipeline(pipe, true_cfg):
     reference = generate(pipe, true_cfg=true_cfg)
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=1.0))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=1.0))
     assert torch.equal(generate(pipe, true_cfg=true_cfg), reference)
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, dense_first=0.0, **SPANS))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.0, **SPANS))
     seen, handles = count_attention_tokens(pipe.transformer)
     pruned = generate(pipe, true_cfg=true_cfg)
     for handle in handles:
@@ -112,7 +112,7 @@ def test_keep_one_and_remove_bit_identical_through_the_pipeline(pipe, true_cfg):
 
 def test_sigma_is_the_timestep_over_1000_at_every_step(pipe):
     """HunyuanVideoPipeline passes the flow-matching scheduler's timesteps (sigma * 1000)."""
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, **SPANS))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, **SPANS))
     generate(pipe)
     forwards = vidprune.stats(pipe).forwards
     vidprune.remove(pipe)
@@ -221,7 +221,7 @@ def test_samples_selecting_different_tokens_are_refused():
 
 def test_block_cache_is_refused_before_anything_changes(pipe):
     with pytest.raises(ValueError, match=r"cache='block'\) is not supported on HunyuanVideoTransformer3DModel"):
-        vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, cache="block"))
+        vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, cache="block"))
     assert pruner_of(pipe.transformer) is None and type(pipe) is HunyuanVideoPipeline
 
 

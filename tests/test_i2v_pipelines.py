@@ -144,10 +144,10 @@ def generate(case_: tuple[Case, Any], steps: int = 3, **overrides) -> torch.Tens
 def test_keep_one_and_remove_bit_identical_default_and_paper(case):
     spec, pipeline = case
     reference = generate(case)
-    for config in (vidprune.TapeConfig(keep=1.0), vidprune.TapeConfig.paper(keep=1.0)):
+    for config in (vidprune.TapeConfig(budget="even", keep=1.0), vidprune.TapeConfig.paper(keep=1.0)):
         vidprune.apply(pipeline, config)
         assert torch.equal(generate(case), reference)
-    for config in (vidprune.TapeConfig(keep=0.5, dense_first=0.0, first_pruned_layer=1, reselect_every=2),
+    for config in (vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.0, first_pruned_layer=1, reselect_every=2),
                    vidprune.TapeConfig.paper(keep=0.5)):
         vidprune.apply(pipeline, config)
         pruned = generate(case)
@@ -242,7 +242,7 @@ def test_cfg_branches_as_the_pipeline_calls_the_model(case):
     batches = []
     handle = pipeline.transformer.register_forward_pre_hook(
         lambda m, a, kw: batches.append(kw["hidden_states"].shape[0]), with_kwargs=True)
-    vidprune.apply(pipeline, vidprune.TapeConfig(keep=0.5, dense_first=0.0, refresh_every=0, record_selections=True,
+    vidprune.apply(pipeline, vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.0, refresh_every=0, record_selections=True,
                                                  first_pruned_layer=1, reselect_every=2))
     try:
         generate(case)

@@ -108,7 +108,7 @@ def test_tape_keeping_everything_equals_lip_alone(clean):
     pipe = clean["v2v"]
     vidprune.apply(pipe, vidprune.LipConfig(mask=mask()))
     lip_alone = edit(pipe)
-    combined = vidprune.TapeConfig(keep=1.0, **SMALL_SPANS)
+    combined = vidprune.TapeConfig(budget="even", keep=1.0, **SMALL_SPANS)
     vidprune.apply(pipe, vidprune.LipConfig(mask=mask(), tape=combined))
     assert torch.equal(edit(pipe), lip_alone)
     vidprune.apply(pipe, vidprune.LipConfig(mask=mask(), tape=vidprune.TapeConfig.paper(0.5, **SMALL_SPANS)))
@@ -118,7 +118,7 @@ def test_tape_keeping_everything_equals_lip_alone(clean):
 def test_tape_with_its_token_cache_runs_and_detaches_exactly(clean):
     pipe = clean["v2v"]
     reference = edit(pipe)
-    tape = vidprune.TapeConfig(keep=0.7, dense_first=0.5, **SMALL_SPANS)  # 2 steps: 1.0, 0.4
+    tape = vidprune.TapeConfig(budget="even", keep=0.7, dense_first=0.5, **SMALL_SPANS)  # 2 steps: 1.0, 0.4
     out, seen, _ = tokens_per_block(pipe, vidprune.LipConfig(mask=mask(), tape=tape))
     assert torch.isfinite(out).all() and min(seen) < int(mask().sum())
     vidprune.remove(pipe)
@@ -129,7 +129,7 @@ def test_combination_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match="kv_source"):
         vidprune.LipConfig(kv_source="clean", tape=vidprune.TapeConfig())
     with pytest.raises(ValueError, match="per_frame=True"):
-        vidprune.LipConfig(tape=vidprune.TapeConfig(per_frame=False))
+        vidprune.LipConfig(tape=vidprune.TapeConfig(budget="even", per_frame=False))
     with pytest.raises(ValueError, match="TapeConfig"):
         vidprune.LipConfig(tape=0.5)
 

@@ -67,7 +67,7 @@ def test_keep_one_and_remove_bit_identical_through_the_pipeline(pipe):
 def test_sigma_is_the_flow_matching_timestep_over_1000(pipe):
     """LTXPipeline passes the scheduler's timestep (sigma * 1000) once per step, both CFG
     branches in one call."""
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, dense_first=0.0, **SMALL_SPANS))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.0, **SMALL_SPANS))
     generate(pipe)
     forwards = vidprune.stats(pipe).forwards
     vidprune.remove(pipe)
@@ -80,7 +80,7 @@ def test_batched_cfg_halves_compute_the_same_tokens(pipe):
     """LTXPipeline runs [unconditional; conditional] as one batch: with share_cfg_selection both
     halves compute the conditional half's selection; without, each half selects its own."""
     # refresh_every=0: at this keep the forced refresh alone would pick the tokens, the same in both halves
-    config = vidprune.TapeConfig(keep=0.5, dense_first=0.0, refresh_every=0, record_selections=True, **SMALL_SPANS)
+    config = vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.0, refresh_every=0, record_selections=True, **SMALL_SPANS)
     selections = {}
     for share in (True, False):
         vidprune.apply(pipe, config.with_(share_cfg_selection=share))
@@ -97,7 +97,7 @@ def test_batched_cfg_halves_compute_the_same_tokens(pipe):
 
 def test_without_cfg_every_prompt_selects_its_own_tokens(pipe):
     """guidance_scale 1: the batch holds different prompts, not CFG halves, so nothing is shared."""
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, dense_first=0.0, refresh_every=0, record_selections=True,
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.0, refresh_every=0, record_selections=True,
                                              **SMALL_SPANS))
     generate(pipe, prompts=2, guidance_scale=1.0)
     indices = [s.index for f in vidprune.stats(pipe).forwards for s in f.spans if s.index is not None]
@@ -181,7 +181,7 @@ def test_block_replay_is_the_block_on_its_own_branch_outputs():
 
 def test_block_cache_runs_through_the_pipeline(pipe):
     reference = generate(pipe)
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, cache="block", dense_first=0.3, **SMALL_SPANS))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, cache="block", dense_first=0.3, **SMALL_SPANS))
     out = generate(pipe)
     vidprune.remove(pipe)
     assert torch.isfinite(out).all() and not torch.equal(out, reference)

@@ -20,9 +20,9 @@ GRID = TokenGrid(3, 4, 4)  # 9 frames at 64x64 -> 3 latent frames of 8x8 -> 3 x 
 def test_keep_one_and_remove_are_bit_identical(clean, kind):
     pipe = clean[kind]
     reference = run(pipe, kind)
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=1.0, **SMALL_SPANS))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=1.0, **SMALL_SPANS))
     assert torch.equal(run(pipe, kind), reference)
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.6, **SMALL_SPANS))  # v2v runs 2 steps: 1.0, then 0.2
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.6, **SMALL_SPANS))  # v2v runs 2 steps: 1.0, then 0.2
     assert not torch.equal(run(pipe, kind), reference)
     vidprune.remove(pipe)
     assert torch.equal(run(pipe, kind), reference)
@@ -31,9 +31,9 @@ def test_keep_one_and_remove_are_bit_identical(clean, kind):
 
 def test_apply_twice_replaces_cleanly(clean):
     pipe = clean["t2v"]
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, **SMALL_SPANS))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, **SMALL_SPANS))
     once = run(pipe, "t2v")
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, **SMALL_SPANS))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, **SMALL_SPANS))
     assert torch.equal(run(pipe, "t2v"), once)
     blocks = pipe.transformer.blocks
     assert all(list(b._diffusers_hook.hooks).count(HOOK_NAME) == 1 for b in blocks[1:])
@@ -66,7 +66,7 @@ def test_blocks_see_only_kept_tokens_and_stats_match(clean, kind):
 
 def test_two_calls_with_one_seed_are_identical(clean):
     pipe = clean["t2v"]
-    for config in (vidprune.TapeConfig(keep=0.4, **SMALL_SPANS), vidprune.TapeConfig.random(0.4)):
+    for config in (vidprune.TapeConfig(budget="even", keep=0.4, **SMALL_SPANS), vidprune.TapeConfig.random(0.4)):
         vidprune.apply(pipe, config)
         first = run(pipe, "t2v")
         first_stats = [f.keep for f in vidprune.stats(pipe).forwards]
@@ -77,7 +77,7 @@ def test_two_calls_with_one_seed_are_identical(clean):
 
 def test_batch_of_prompts_with_dense_steps(clean):
     pipe = clean["t2v"]
-    config = vidprune.TapeConfig(keep=0.6, dense_first=0.25, dense_last=0.25, **SMALL_SPANS)
+    config = vidprune.TapeConfig(budget="even", keep=0.6, dense_first=0.25, dense_last=0.25, **SMALL_SPANS)
     vidprune.apply(pipe, config)
     out = run(pipe, "t2v", prompt=["a red circle", "a blue square"], num_inference_steps=4)
     assert out.shape[0] == 2 and torch.isfinite(out).all()

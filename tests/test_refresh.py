@@ -62,7 +62,7 @@ def test_a_pruned_token_leaves_the_span_with_its_input_plus_its_remembered_updat
 def test_memory_estimate_matches_what_the_spans_hold(clean):
     pipe = clean["t2v"]
     for cache in ("span", "block"):
-        config = vidprune.TapeConfig(keep=0.5, cache=cache, **SMALL_SPANS)  # spans 1-2, 3-4, 5
+        config = vidprune.TapeConfig(budget="even", keep=0.5, cache=cache, **SMALL_SPANS)  # spans 1-2, 3-4, 5
         vidprune.apply(pipe, config)
         run(pipe, "t2v")
         transformer = pipe.transformer
@@ -87,7 +87,7 @@ def span_ends(pipe):
 
 def test_through_the_pipeline_a_pruned_token_gets_its_update_from_its_last_computation(clean):
     pipe = clean["t2v"]
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.6, dense_first=0.34, record_selections=True, **ONE_SPAN))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.6, dense_first=0.34, record_selections=True, **ONE_SPAN))
     seen, handles = span_ends(pipe)
     run(pipe, "t2v")
     for handle in handles:
@@ -112,7 +112,7 @@ def test_every_token_is_recomputed_within_refresh_every_pruned_steps(clean):
     k = 3
     gaps = {}
     for refresh_every in (k, 0):
-        config = vidprune.TapeConfig(keep=0.45, dense_first=0.1, change_weight=0.0, staleness_weight=0.0,
+        config = vidprune.TapeConfig(budget="even", keep=0.45, dense_first=0.1, change_weight=0.0, staleness_weight=0.0,
                                      refresh_every=refresh_every, schedule="constant", record_selections=True,
                                      **ONE_SPAN)
         vidprune.apply(pipe, config)
@@ -134,9 +134,9 @@ def test_every_token_is_recomputed_within_refresh_every_pruned_steps(clean):
 def test_keep_one_and_remove_are_bit_identical_through_every_cache(clean, cache):
     pipe = clean["t2v"]
     reference = run(pipe, "t2v")
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=1.0, cache=cache, **SMALL_SPANS))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=1.0, cache=cache, **SMALL_SPANS))
     assert torch.equal(run(pipe, "t2v"), reference)
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, cache=cache, dense_first=0.34, **SMALL_SPANS))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, cache=cache, dense_first=0.34, **SMALL_SPANS))
     pruned = run(pipe, "t2v")
     assert not torch.equal(pruned, reference) and torch.isfinite(pruned).all()
     assert torch.equal(run(pipe, "t2v"), pruned)  # two calls in a row: nothing carried between calls
@@ -147,7 +147,7 @@ def test_keep_one_and_remove_are_bit_identical_through_every_cache(clean, cache)
 
 def test_cfg_branches_keep_separate_memories_and_a_call_starts_empty(clean, monkeypatch):
     pipe = clean["t2v"]
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, dense_first=0.34, **SMALL_SPANS))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.34, **SMALL_SPANS))
     state = pipe._vidprune_state
     seen = {}
     reset = type(state).reset
@@ -210,7 +210,7 @@ def test_presets_construct_what_they_say():
 
 def test_the_block_cache_is_refused_inside_lip():
     with pytest.raises(ValueError, match="cache"):
-        vidprune.LipConfig(tape=vidprune.TapeConfig(cache="block"))
+        vidprune.LipConfig(tape=vidprune.TapeConfig(budget="even", cache="block"))
 
 
 def test_bare_transformer_paper_preset_runs():

@@ -68,7 +68,7 @@ def test_a_seed_at_the_64_bit_limit_runs():
 # -- apply is atomic ---------------------------------------------------------------------------
 def test_a_refused_apply_leaves_the_earlier_patch_working(clean):
     pipe = clean["t2v"]
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, **SMALL_SPANS))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, **SMALL_SPANS))
     before = run(pipe, "t2v")
     for bad in (vidprune.TapeConfig(first_pruned_layer=40), vidprune.LipConfig()):  # too deep; t2v has no source
         with pytest.raises(ValueError):
@@ -85,7 +85,7 @@ def test_a_config_that_fits_one_of_two_transformers_changes_neither(clean):
     pipe.transformer_2 = shallow
     try:
         with pytest.raises(ValueError, match="first_pruned_layer"):
-            vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, first_pruned_layer=3))
+            vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, first_pruned_layer=3))
         assert getattr(pipe.transformer, "_diffusers_hook", None) is None or \
             HOOK_NAME not in pipe.transformer._diffusers_hook.hooks
         assert not hasattr(pipe, "_vidprune_state")

@@ -36,7 +36,7 @@ def tiny_pipeline(name: str):
 
 
 def tape(first_pruned_layer: int) -> vidprune.TapeConfig:
-    return vidprune.TapeConfig(keep=0.5, dense_first=0.0, first_pruned_layer=first_pruned_layer, reselect_every=2)
+    return vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.0, first_pruned_layer=first_pruned_layer, reselect_every=2)
 
 
 def mag_cache_config(steps: int = STEPS) -> MagCacheConfig:

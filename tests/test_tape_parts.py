@@ -166,26 +166,26 @@ def test_plan_meets_the_mean_keep_and_relaxes_towards_the_end(shape, sigmas, kee
 
 
 def test_dense_first_and_last_steps():
-    config = vidprune.TapeConfig(keep=0.5, dense_first=0.1, dense_last=0.05)  # 2 and 1 of 20 steps
+    config = vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.1, dense_last=0.05)  # 2 and 1 of 20 steps
     plan = plan_keeps(config, SIGMAS)
     assert plan[:2] == [1.0, 1.0] and plan[2] < 1.0 and plan[-1] == 1.0 and plan[-2] < 1.0
     assert sum(plan) / 20 == pytest.approx(0.5, abs=1e-6)
     with pytest.raises(ValueError, match="cannot be met"):
-        plan_keeps(vidprune.TapeConfig(keep=0.2, dense_first=0.6, min_keep=0.15), SIGMAS[:5])
+        plan_keeps(vidprune.TapeConfig(budget="even", keep=0.2, dense_first=0.6, min_keep=0.15), SIGMAS[:5])
 
 
 def test_the_default_runs_the_first_fifth_of_the_steps_unpruned_at_a_constant_budget():
-    plan = plan_keeps(vidprune.TapeConfig(keep=0.5), [1 - i / 25 for i in range(25)])
+    plan = plan_keeps(vidprune.TapeConfig(budget="even", keep=0.5), [1 - i / 25 for i in range(25)])
     assert plan[:5] == [1.0] * 5 and len(set(plan[5:])) == 1
     assert plan[5] == pytest.approx((0.5 * 25 - 5) / 20)
 
 
 def test_keep_at_is_calibrated_on_uniform_noise_levels():
-    config = vidprune.TapeConfig(keep=0.5, schedule="linear")
+    config = vidprune.TapeConfig(budget="even", keep=0.5, schedule="linear")
     uniform = [keep_at(config, i / 100) for i in range(101)]
     assert sum(uniform) / 101 == pytest.approx(0.5, abs=1e-3)
     assert keep_at(config, 1.0) < keep_at(config, 0.0)
-    assert keep_at(vidprune.TapeConfig(keep=1.0), 0.9) == 1.0
+    assert keep_at(vidprune.TapeConfig(budget="even", keep=1.0), 0.9) == 1.0
 
 
 # -- configuration errors -------------------------------------------------------------------

@@ -82,7 +82,7 @@ def _forwards_of(seen: list[tuple[int, int]], layers: int) -> list[list[int]]:
 
 def _check_bit_identical(pipe, config: vidprune.TapeConfig) -> None:
     reference = run(pipe)
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=1.0, **SMALL_SPANS))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=1.0, **SMALL_SPANS))
     assert torch.equal(run(pipe), reference)
     vidprune.apply(pipe, config)
     assert not torch.equal(run(pipe), reference)
@@ -93,16 +93,16 @@ def _check_bit_identical(pipe, config: vidprune.TapeConfig) -> None:
 # -- A14B: two experts -------------------------------------------------------------------
 
 def test_two_experts_hooked_and_bit_identical(two_experts):
-    vidprune.apply(two_experts, vidprune.TapeConfig(keep=0.5, **SMALL_SPANS))
+    vidprune.apply(two_experts, vidprune.TapeConfig(budget="even", keep=0.5, **SMALL_SPANS))
     assert pruner_of(two_experts.transformer) is not None and pruner_of(two_experts.transformer_2) is not None
     vidprune.remove(two_experts)
     assert pruner_of(two_experts.transformer) is None and pruner_of(two_experts.transformer_2) is None
-    _check_bit_identical(two_experts, vidprune.TapeConfig(keep=0.5, **SMALL_SPANS))
+    _check_bit_identical(two_experts, vidprune.TapeConfig(budget="even", keep=0.5, **SMALL_SPANS))
 
 
 def test_two_experts_token_counts_and_stats(two_experts):
     pipe = two_experts
-    config = vidprune.TapeConfig(keep=0.5, **SMALL_SPANS)
+    config = vidprune.TapeConfig(budget="even", keep=0.5, **SMALL_SPANS)
     vidprune.apply(pipe, config)
     layers = len(pipe.transformer.blocks)
     with block_tokens(pipe.transformer) as high, block_tokens(pipe.transformer_2) as low:
@@ -144,7 +144,7 @@ def test_two_experts_token_counts_and_stats(two_experts):
 
 @pytest.mark.parametrize("kind", ["t2v", "i2v"])
 def test_ti2v_bit_identical(ti2v, kind):
-    _check_bit_identical(ti2v[kind], vidprune.TapeConfig(keep=0.5, **SMALL_SPANS))
+    _check_bit_identical(ti2v[kind], vidprune.TapeConfig(budget="even", keep=0.5, **SMALL_SPANS))
 
 
 @pytest.mark.parametrize("kind", ["t2v", "i2v"])
@@ -153,7 +153,7 @@ def test_ti2v_per_token_timesteps_sigma_and_token_counts(ti2v, kind):
     timesteps_seen: list[torch.Tensor] = []
     spy = pipe.transformer.register_forward_pre_hook(
         lambda m, a, kw: timesteps_seen.append(kw["timestep"]), with_kwargs=True)
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, **SMALL_SPANS))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, **SMALL_SPANS))
     layers = len(pipe.transformer.blocks)
     try:
         with block_tokens(pipe.transformer) as seen:
@@ -180,9 +180,9 @@ def test_ti2v_per_token_timesteps_sigma_and_token_counts(ti2v, kind):
 def test_ti2v_block_cache_replays_with_per_token_gates(ti2v):
     pipe = ti2v["i2v"]
     reference = run(pipe)
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=1.0, cache="block", **SMALL_SPANS))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=1.0, cache="block", **SMALL_SPANS))
     assert torch.equal(run(pipe), reference)
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, cache="block", **SMALL_SPANS))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, cache="block", **SMALL_SPANS))
     block = run(pipe)
     assert torch.isfinite(block).all() and not torch.equal(block, reference)
     assert torch.equal(run(pipe), block)
@@ -204,7 +204,7 @@ def test_two_experts_follow_the_one_budget_rule(two_experts):
     """Where the expert switch leaves no step to prune, the call is refused like one transformer's
     (naming the switch); the advice (more steps, or the keep it names) runs."""
     pipe = two_experts
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, dense_first=0.0))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.0))
     timesteps = _timesteps_of(pipe, 2)
     boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
     assert timesteps[0] >= boundary > timesteps[1]  # a 2-step call switches experts at its second step

@@ -98,10 +98,10 @@ def pruned_forwards(pipeline, config, handles: list, references: int = 0, steps:
 @pytest.mark.parametrize("references", [0, 1])
 def test_keep_one_and_remove_bit_identical_through_the_pipeline(pipe, spans, references):
     reference = generate(pipe, references)
-    for config in (vidprune.TapeConfig(keep=1.0, **spans), vidprune.TapeConfig.paper(keep=1.0, **spans)):
+    for config in (vidprune.TapeConfig(budget="even", keep=1.0, **spans), vidprune.TapeConfig.paper(keep=1.0, **spans)):
         vidprune.apply(pipe, config)
         assert torch.equal(generate(pipe, references), reference)
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, dense_first=0.0, **spans))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.0, **spans))
     pruned = generate(pipe, references)
     stats = vidprune.stats(pipe)
     assert stats.mean_keep == 0.5 and len(stats.forwards) == 6  # CFG: two calls a step
@@ -202,7 +202,7 @@ def test_default_config_through_a_pipeline_call(pipe):
     """TapeConfig(): the first step dense, the later ones pruned in span 2-5 (hints of layers 2 and
     4 inside it), with a reference image computed whole."""
     reference = generate(pipe, references=1, steps=6)
-    vidprune.apply(pipe, vidprune.TapeConfig())
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even"))
     out = generate(pipe, references=1, steps=6)
     stats = vidprune.stats(pipe)
     vidprune.remove(pipe)
@@ -256,7 +256,7 @@ def test_lip_block_cache_and_cuda_graphs_are_refused_before_anything_changes(pip
     with pytest.raises(ValueError, match="LIP is not supported on WanVACETransformer3DModel"):
         vidprune.apply(pipe, vidprune.LipConfig(mask=torch.ones(FRAMES, 4, 4, dtype=torch.bool)))
     with pytest.raises(ValueError, match=r"cache='block'\) is not supported on WanVACETransformer3DModel"):
-        vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, cache="block"))
+        vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, cache="block"))
     assert pruner_of(pipe.transformer) is None and not any(hooked_control_blocks(pipe.transformer))
     model = tiny_vace()
     setattr(model, _GRAPHS_ATTRIBUTE, lambda: EagerReplayGraph)  # as compile_blocks(graphs=True) marks it
@@ -272,11 +272,11 @@ def hooked_control_blocks(model: WanVACETransformer3DModel) -> list[bool]:
 
 
 def test_control_block_hooks_follow_the_spans_and_go_with_remove(pipe):
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, **INSIDE))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, **INSIDE))
     assert hooked_control_blocks(pipe.transformer) == [False, True, True]  # layers 2 and 4: inside spans 1-3, 4-5
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, **AT_ENDS))  # applying again replaces them
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, **AT_ENDS))  # applying again replaces them
     assert hooked_control_blocks(pipe.transformer) == [False] * 3
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, **INSIDE))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, **INSIDE))
     vidprune.remove(pipe)
     assert hooked_control_blocks(pipe.transformer) == [False] * 3
 

@@ -58,6 +58,7 @@ from .cli_loading import (
 from .config import LipConfig, TapeConfig
 from .demo.pipeline import (
     HEIGHT,
+    demo_profile,
     NUM_FRAMES,
     WIDTH,
 )
@@ -85,6 +86,8 @@ def generate(args: argparse.Namespace) -> None:
         config = config.with_(budget=args.budget)
     check_output_path(args.output, args.overwrite)
     settings = call_settings(args)
+    if args.method == "tape" and args.budget is None:
+        config = default_budget(config, args, settings["num_inference_steps"])
     planned = check_budget(config, settings["num_inference_steps"])
     if args.model is None:
         warn_untrained_size(args.frames, args.height, args.width)
@@ -150,7 +153,7 @@ def edit(args: argparse.Namespace) -> None:
     device, dtype = _device(args.device)
     check_output_path(args.output, args.overwrite)
     detection = LipDetection(tau=args.tau, target_prune=args.target_prune)
-    tape = TapeConfig(keep=args.keep) if args.method == "lip-tape" else None
+    tape = TapeConfig(keep=args.keep, budget="even") if args.method == "lip-tape" else None
     config = None if args.method == "none" else LipConfig(detection=detection, recovery=args.method != "lip-noar",
                                                           tape=tape)
     settings = call_settings(args)
@@ -289,9 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tape (default: token cache, refreshing selection, first 20%% of steps dense), paper "
                           "(TAPE as its paper describes it), naive per-frame pruning, random pruning, or none")
     gen.add_argument("--keep", type=FRACTION, default=0.5, help="mean fraction of video tokens kept (0, 1]")
-    gen.add_argument("--budget", help="how the keep is spread over the steps: even (token steps after the dense "
-                     "start), cycle (dense steps among reuse steps), or a profile file from `vidprune calibrate` "
-                     "(its mean keep replaces --keep)")
+    gen.add_argument("--budget", help="how the keep is spread over the steps: cycle (dense steps among reuse steps, "
+                     "which run no block), even (token steps after the dense start), or a profile file from `vidprune "
+                     "calibrate` (its mean keep replaces --keep). Default: with the demo model its calibrated profile "
+                     "nearest --keep, else cycle")
     gen.add_argument("--frames", type=FRAMES, default=NUM_FRAMES, help="video frames (4k+1; LTX: 8k+1)")
     gen.add_argument("--height", type=SIZE, default=HEIGHT, help=f"the demo model is trained at {WIDTH}x{HEIGHT}")
     gen.add_argument("--width", type=SIZE, default=WIDTH)
@@ -357,6 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--out", default="out/bench", help="folder for bench.json, bench.md and bench.png")
     be.set_defaults(run=bench)
     return parser
+
+
+def default_budget(config: TapeConfig, args: argparse.Namespace, steps: int) -> TapeConfig:
+    """--method tape without --budget: the demo model's calibrated profile nearest --keep for
+    its step count; else the default rule, saying how to calibrate the model's own."""
+    profile = demo_profile(args.keep, steps) if args.model is None else None
+    if profile is not None:
+        print(f"budget: the demo model's profile calibrated for {steps} steps at cost {profile.target_cost} (the "
+              f"nearest to --keep {args.keep}; --budget even|cycle|FILE chooses another)")
+        return config.with_(budget=profile)
+    print(f"budget: the {config.budget} rule; `vidprune calibrate` finds this model's own budget for {steps} steps")
+    return config
 
 
 def budget_name(config: TapeConfig) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ _COMPILED_ATTRIBUTE = "_vidprune_compiled"  # on a block whose forward compile_b
 # graphs.EagerReplayGraph makers here to run the capture logic on the CPU).
 _GRAPHS_ATTRIBUTE = "_vidprune_graphs"
 _pruned_pipeline_classes: dict[type, type] = {}
+_said: set[str] = set()  # what the log has said once per process
 
 
 def _is_pipeline(target: Any) -> bool:
@@ -118,6 +120,11 @@ def apply(target: Any, config: TapeConfig | LipConfig) -> Any:
     if _is_pipeline(target):
         setattr(target, _STATE_ATTRIBUTE, state)
         target.__class__ = _pruned_pipeline_class(type(target))
+    if isinstance(config, TapeConfig) and isinstance(config.budget, str) and config.keep < 1.0 and "rule" not in _said:
+        _said.add("rule")
+        logging.getLogger("vidprune").info(
+            "TapeConfig(budget=%r) is a rule for any model; `vidprune calibrate` finds a budget for this model and "
+            "step count (TapeConfig(budget=PROFILE.json))", config.budget)
     return target
 
 

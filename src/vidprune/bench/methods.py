@@ -39,19 +39,20 @@ _CALL_COUNTER_NOTE = ("pab, faster: diffusers calls Wan's two CFG branches one a
                       "between the branches.")
 REGISTRY = {
     "unpruned": MethodSpec("reference", "generate", "", None, "the unpatched pipeline: the reference"),
-    "tape": MethodSpec("pruning", "generate", "KEEP", 0.5, "TAPE (default: token cache, refreshing selection, first 20% "
-                 "of steps dense), mean keep {v}",
+    "tape": MethodSpec("pruning", "generate", "KEEP", 0.5, "TAPE default budget (cycle: the first 20% of steps dense, "
+                 "then dense steps among reuse steps, which run no block), mean keep {v}",
         tape=lambda keep: TapeConfig(keep=keep)),
-    "tape-cycle": MethodSpec("pruning", "generate", "KEEP", 0.5, "TAPE with the cycle budget: after the dense first "
-                       "20% of steps, dense steps among reuse steps (no span block runs), mean keep {v}",
-        tape=lambda keep: TapeConfig(keep=keep, budget="cycle")),
-    "tape-nocache": MethodSpec("pruning", "generate", "KEEP", 0.5, "TAPE default, pruned tokens pass spans unchanged, "
+    "tape-even": MethodSpec("pruning", "generate", "KEEP", 0.5, "TAPE token steps (even budget: token cache, refreshing "
+                      "selection, first 20% of steps dense), mean keep {v}",
+        tape=lambda keep: TapeConfig(keep=keep, budget="even")),
+    "tape-nocache": MethodSpec("pruning", "generate", "KEEP", 0.5, "tape-even, pruned tokens pass spans unchanged, "
                          "mean keep {v}",
-        tape=lambda keep: TapeConfig(keep=keep, cache="none")),
-    "tape-norefresh": MethodSpec("pruning", "generate", "KEEP", 0.5, "TAPE default, attention-only selection, mean keep {v}",
-        tape=lambda keep: TapeConfig(keep=keep, change_weight=0.0, staleness_weight=0.0, refresh_every=0)),
-    "tape-nodense": MethodSpec("pruning", "generate", "KEEP", 0.5, "TAPE default, no dense first steps, mean keep {v}",
-        tape=lambda keep: TapeConfig(keep=keep, dense_first=0.0)),
+        tape=lambda keep: TapeConfig(keep=keep, budget="even", cache="none")),
+    "tape-norefresh": MethodSpec("pruning", "generate", "KEEP", 0.5, "tape-even, attention-only selection, mean keep {v}",
+        tape=lambda keep: TapeConfig(keep=keep, budget="even", change_weight=0.0, staleness_weight=0.0,
+                                     refresh_every=0)),
+    "tape-nodense": MethodSpec("pruning", "generate", "KEEP", 0.5, "tape-even, no dense first steps, mean keep {v}",
+        tape=lambda keep: TapeConfig(keep=keep, budget="even", dense_first=0.0)),
     "paper": MethodSpec("pruning", "generate", "KEEP", 0.5, "TAPE as its paper describes it (attention only, pruned tokens "
                   "unchanged, prune-early budget), mean keep {v}",
         tape=TapeConfig.paper),
@@ -93,7 +94,7 @@ REGISTRY = {
                "Wan's pipelines never pass; what remains is its attention extrapolation (weight 0.5)."), generic=False),
 }
 TAPE_METHODS = tuple(name for name, spec in REGISTRY.items() if spec.tape is not None)
-LIP_TAPE_METHODS = {"lip-tape": "tape", "lip-tape-paper": "paper"}  # LipConfig(tape=...) of this TAPE kind
+LIP_TAPE_METHODS = {"lip-tape": "tape-even", "lip-tape-paper": "paper"}  # LipConfig(tape=...) of this TAPE kind
 STACKABLE = ("fbc", "fbc-fixed", "mag", "mag-fixed")  # caches that compose with vidprune (module docstring)
 STACK_NOTE = ("stacks (PRUNING+CACHE): vidprune applied first, the cache enabled after, removed in reverse order; "
               "their mean keep counts the forwards that the cache skipped at their planned keep.")

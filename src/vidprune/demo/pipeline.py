@@ -40,6 +40,19 @@ HOW_TO_MAKE = (
     "python -m vidprune.demo.train dit --vae out/vae --out out/dit --device cuda && "
     "python -m vidprune.demo.train export --vae out/vae --dit out/dit --out src/vidprune/demo/model"
 )
+PROFILES_DIR = Path(__file__).with_name("profiles")  # budgets calibrated for this model (benchmarks/results/budget)
+
+
+def demo_profile(keep: float, steps: int):
+    """The demo model's calibrated budget profile for `steps` whose target cost (share of a dense
+    call's block FLOPs) is nearest `keep`, or None when none was made for that step count."""
+    from ..budget import BudgetProfile
+
+    profiles = [BudgetProfile.load(path) for path in sorted(PROFILES_DIR.glob("*.json"))]
+    fitting = [profile for profile in profiles if profile.steps == steps]
+    return min(fitting, key=lambda profile: abs(profile.target_cost - keep)) if fitting else None
+
+
 _REQUIRED = ("model_index.json", "transformer/config.json", "vae/config.json", "scheduler/scheduler_config.json")
 
 
