@@ -86,7 +86,7 @@ def test_a_reuse_step_runs_no_block_and_gives_every_token_its_input_plus_its_res
     no block runs: the layers before the first pruned span form a span of their own."""
     pipe = clean["t2v"]
     transformer = pipe.transformer
-    vidprune.apply(pipe, vidprune.TapeConfig(budget=[1.0, 0.0, 1.0], **SMALL_SPANS))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget=[1.0, 0.0, 0.5], **SMALL_SPANS))
     spans = pruner_of(transformer).spans
     assert (spans[0].start, spans[0].end) == (0, SMALL_SPANS["first_pruned_layer"] - 1)
     inputs, outputs = [], []  # per forward and span: the span's input and output
@@ -104,7 +104,7 @@ def test_a_reuse_step_runs_no_block_and_gives_every_token_its_input_plus_its_res
             handle.remove()
     forwards_per_step = 2  # CFG: conditional and unconditional calls
     layers = len(transformer.blocks)
-    assert len(seen) == layers * forwards_per_step * 2  # the dense steps' blocks; none on the reuse step
+    assert len(seen) == layers * forwards_per_step * 2  # the dense and token steps' blocks; none on the reuse step
     per_forward = len(spans)
     for branch in range(forwards_per_step):
         dense, reuse = branch * per_forward, (forwards_per_step + branch) * per_forward
@@ -112,9 +112,21 @@ def test_a_reuse_step_runs_no_block_and_gives_every_token_its_input_plus_its_res
             residual = outputs[dense + s] - inputs[dense + s]
             torch.testing.assert_close(outputs[reuse + s], inputs[reuse + s] + residual)
     records = vidprune.stats(pipe).forwards
-    assert [r.keep for r in records] == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    assert [r.keep for r in records] == [1.0, 1.0, 0.0, 0.0, 0.5, 0.5]
     assert all(s.reused and s.tokens == 0 for r in records[2:4] for s in r.spans)
     assert records[2].flops_saved == 1.0
+
+
+def test_dense_and_reuse_steps_alone_run_one_span_and_keep_one_residual_per_branch(clean):
+    """No token steps: one span over the stack, and no selection history (it would never be read)."""
+    pipe = clean["t2v"]
+    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, **SMALL_SPANS))  # the cycle rule
+    assert [(s.start, s.end) for s in pruner_of(pipe.transformer).spans] == [(0, len(pipe.transformer.blocks) - 1)]
+    run(pipe, "t2v", num_inference_steps=4)
+    stats = vidprune.stats(pipe)
+    grid = stats.forwards[0].spans[0].grid
+    dim = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+    assert stats.memory_bytes == 2 * grid.size * dim * 4  # two CFG branches, one float32 residual each
 
 
 def test_without_reuse_steps_there_is_no_leading_span(clean):

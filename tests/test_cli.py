@@ -16,7 +16,9 @@ def test_generate_writes_a_video_and_prints_stats(tmp_path, capsys):
     output = tmp_path / "clip.mp4"
     main(["generate", "a red circle moves left", "--method", "tape", "--keep", "0.5", "-o", str(output), *SMALL])
     printed = capsys.readouterr().out
-    assert "FLOPs saved" in printed and "mean keep 0.500" in printed and str(output) in printed
+    # 3 steps at keep 0.5 with the cycle rule: dense, reuse, dense (whole steps, rounded up)
+    assert "budget: the cycle rule" in printed and "reuse: layers 0-" in printed and "mean keep 0.667" in printed
+    assert "FLOPs saved" in printed and str(output) in printed
     frames = imageio.mimread(output)
     assert len(frames) == 5 and frames[0].shape == (64, 64, 3)
 

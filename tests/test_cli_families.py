@@ -120,9 +120,9 @@ def test_generate_runs_tape_on_a_pipeline_folder_of_every_family(folders, name, 
     _, pixels, steps = FAMILIES[name]
     output = tmp_path / "clip.mp4"
     code, out, err = run(["generate", "a red ball", "--model", str(folders[name]), "--height", str(pixels), "--width",
-                          str(pixels), "--steps", str(steps), "-o", str(output), *SIZE], capsys)
+                          str(pixels), "--steps", str(steps), "--budget", "even", "-o", str(output), *SIZE], capsys)
     assert code == 0, err
-    assert f"({name})" in out and "mean keep 0.500" in out
+    assert f"({name})" in out and "mean keep 0.5" in out
     frames = imageio.mimread(output)
     assert len(frames) == 9 and frames[0].shape == (pixels, pixels, 3)
     # vidprune's stats table: one row per step; the dense ones keep 1.00: the first step, and for
@@ -169,8 +169,9 @@ def test_bench_runs_tape_and_first_block_cache_on_other_families_random_weights(
     report = json.loads((tmp_path / "bench.json").read_text())
     methods = report["tasks"]["generate"]["methods"]
     # the default list, less what is set up for Wan only; at the random model's own size
-    assert "fbc-fixed:2" in methods and "tape:0.5+fbc-fixed:2" in methods and "taylor:3" not in methods
-    assert methods["tape:0.5"]["mean_keep"] == pytest.approx(0.5)
+    assert "fbc-fixed:2" in methods and "tape-even:0.5+fbc-fixed:2" in methods and "taylor:3" not in methods
+    assert methods["tape-even:0.5"]["mean_keep"] == pytest.approx(0.5)
+    assert methods["tape:0.5"]["mean_keep"] == pytest.approx(0.6)  # the cycle rule in 5 steps: D r D r D
     assert methods["fbc-fixed:2"]["forwards_per_call"] == 5
     assert report["call"]["num_frames"] == (17 if model.startswith("ltx") else 9)
 

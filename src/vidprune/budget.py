@@ -161,7 +161,7 @@ def plan_keeps(config: TapeConfig, sigmas: Sequence[float], model_starts: Sequen
         return _listed(budget, count, must_compute)
     if needs_filled_memory(config) and count == 1:
         raise ValueError(f"keep={config.keep} cannot be met in a 1-step call: its one step is dense, as it fills the "
-                         "token cache; TapeConfig.paper(keep) prunes without a cache, or give more steps")
+                         "token cache; TapeConfig.paper(keep) (CLI: --method paper) prunes without a cache, or give more steps")
     first, last = dense_steps(config.dense_first, count), dense_steps(config.dense_last, count)
     full = set(range(first)) | set(range(count - last, count)) | must_compute
     rest = [i for i in range(count) if i not in full]

@@ -185,6 +185,14 @@ class TapeConfig:
         object.__setattr__(self, "keep", sum(keeps) / len(keeps))
 
     @property
+    def token_steps(self) -> bool:
+        """Whether the budget has token steps (keeps strictly between 0 and 1)."""
+        if isinstance(self.budget, str):
+            return self.budget == "even"
+        keeps = self.budget.keeps if isinstance(self.budget, BudgetProfile) else self.budget
+        return any(0.0 < k < 1.0 for k in keeps)
+
+    @property
     def reuses(self) -> bool:
         """Whether the budget has reuse steps (keep 0)."""
         if self.budget == "cycle":

@@ -66,7 +66,8 @@ class TapeState(CallState):
     def tracks_history(self, branch: int) -> bool:
         """Whether a forward of this guidance branch keeps its spans' change and staleness: the
         branch that selects does; a CFG partner that reuses its selection need not."""
-        return self.config.refreshes and (not self.config.share_cfg_selection or branch == 0)
+        return (self.config.refreshes and self.config.token_steps
+                and (not self.config.share_cfg_selection or branch == 0))
 
     def remembers(self, branch: int) -> bool:
         """Whether a forward of this branch keeps span memories: a cache, or its history."""
@@ -182,6 +183,8 @@ class TapePruner(TokenPruner):
     def __init__(self, transformer: torch.nn.Module, adapter, config: TapeConfig, state: TapeState) -> None:
         num_layers = len(adapter.blocks(transformer))
         starts = config.span_starts(num_layers)
+        if not config.token_steps:  # dense and reuse steps only: one span, one residual per branch
+            starts = [0]
         # With reuse steps, the layers before the first pruned span form a span of their own that
         # never prunes: on a reuse step no block runs at all, as a step cache skips a step (measured
         # on a Wan2.1-1.3B shape, H200: a reuse forward 2.1 ms this way, 41.3 ms running layers 0-1;

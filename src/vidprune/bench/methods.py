@@ -236,10 +236,11 @@ def _issue_methods(random_weights: bool) -> list[str]:
     fbc, mag = (["fbc-fixed:2", "fbc-fixed:3"], ["mag-fixed:1", "mag-fixed:3"]) if random_weights else (
         ["fbc:0.05", "fbc:0.1", "fbc:0.2"], ["mag:0.06", "mag:0.12", "mag:0.24"])
     return [
-        "tape:0.3", "tape:0.5", "tape:0.7", "tape-nocache:0.5", "tape-norefresh:0.5", "tape-nodense:0.5",
-        "paper:0.5",
+        "tape:0.3", "tape:0.5", "tape:0.7", "tape-even:0.5", "tape-nocache:0.5", "tape-norefresh:0.5",
+        "tape-nodense:0.5", "paper:0.5",
         "naive:0.5", "random:0.5", *fbc, *mag, "taylor:3", "taylor:5", "pab:2", "pab:3", "faster:2", "faster:3",
-        f"tape:0.5+{fbc[0]}", f"tape:0.5+{mag[0]}", "lip:0.4", "lip-noar:0.4",
+        # token steps stack with step caches; reuse steps are whole-step skipping already
+        f"tape-even:0.5+{fbc[0]}", f"tape-even:0.5+{mag[0]}", "lip:0.4", "lip-noar:0.4",
     ]
 
 

@@ -156,7 +156,7 @@ def pruning_numbers(pipe: Any, method: Method) -> dict[str, float]:
         return {}
     stats = vidprune.stats(pipe)
     numbers = {"mean_keep": stats.mean_keep, "block_flops_saved": stats.flops_saved}
-    if method.task == "generate" and any(record.spans for record in stats.forwards):
+    if method.task == "generate" and any(span.index is not None for record in stats.forwards for span in record.spans):
         numbers["selection_iou"] = stats.selection_iou()
     return numbers
 
