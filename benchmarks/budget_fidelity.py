@@ -46,7 +46,7 @@ CALIBRATION_PROMPTS = 8
 def tape_methods(profiles: dict[str, vidprune.budget.BudgetProfile], steps: int) -> dict[str, vidprune.TapeConfig]:
     table = {}
     for keep in (0.3, 0.5, 0.7):
-        table[f"even:{keep} (TAPE default)"] = vidprune.TapeConfig(keep=keep)
+        table[f"even:{keep} (TAPE default)"] = vidprune.TapeConfig(keep=keep, budget="even")
     for keep in (0.3, 0.4, 0.5, 0.7):
         table[f"cycle:{keep}"] = vidprune.TapeConfig(keep=keep, budget="cycle")
     whole_stack = dict(first_pruned_layer=0, reselect_every=0)  # a reuse step skips every block (as MagCache)

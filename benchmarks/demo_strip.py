@@ -1,5 +1,7 @@
 """A PNG strip for the README: for a few held-out prompts, frames 0, 8 and 16 of the demo
-model's unpruned video, TAPE's default at mean keep 0.5, and TAPE's paper preset at 0.5.
+model's unpruned video, TAPE as `make demo` runs it (the demo model's calibrated profile nearest
+keep 0.5), the cycle rule at keep 0.5 (the default for other models), token steps at keep 0.5
+(budget="even") and the paper preset at 0.5.
 
     python benchmarks/demo_strip.py --out benchmarks/results/demo_strip.png
 """
@@ -15,12 +17,14 @@ from PIL import Image
 
 import vidprune
 from vidprune.demo.data import make_clip
-from vidprune.demo.pipeline import DEFAULT_CALL, load_demo_pipeline
+from vidprune.demo.pipeline import DEFAULT_CALL, demo_profile, load_demo_pipeline
 from vidprune.video_io import to_uint8
 
 CONFIGS = {
     "unpruned": None,
-    "TAPE default, keep 0.5": vidprune.TapeConfig(keep=0.5),
+    "TAPE, the demo's profile (cost 0.5)": vidprune.TapeConfig(budget=demo_profile(0.5, DEFAULT_CALL["num_inference_steps"])),
+    "TAPE cycle, keep 0.5": vidprune.TapeConfig(keep=0.5),
+    "TAPE token steps, keep 0.5": vidprune.TapeConfig(keep=0.5, budget="even"),
     "TAPE paper preset, keep 0.5": vidprune.TapeConfig.paper(0.5),
 }
 

@@ -10,7 +10,7 @@ benchmark_shapes). Per model, side by side in one process:
 2. block times (`vidprune.block_times.BlockTimes`): every block kind at the full token count and
    at the token counts of TAPE's schedule, measured before the pipeline calls (so those kernels
    are warm); with the unpruned forward they give the ideal pruned forward;
-3. TAPE (TapeConfig(keep=--keep), the default): one real pipeline call of --steps steps
+3. TAPE token steps (TapeConfig(keep=--keep, budget="even")): one real pipeline call of --steps steps
    (prompt embeddings, output_type="latent", no VAE), each forward timed; its dense first step
    and pruned steps are reported apart, with the ideal of each forward and measured / ideal
    speedup (= ideal ms / measured ms, target >= 0.9);
@@ -134,7 +134,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
                           "peak_gib": peak_gib(device)}
     print(f"  unpruned forward {report['unpruned']['forward_ms_median']:.1f} ms", flush=True)
 
-    config = vidprune.TapeConfig(keep=args.keep)
+    config = vidprune.TapeConfig(keep=args.keep, budget="even")
     # The schedule's keeps (constant schedule: they do not depend on the noise levels), timed
     # first so the pipeline call meets warm kernels at its token counts.
     keeps = sorted(set(plan_keeps(config, [1 - i / args.steps for i in range(args.steps)])))
@@ -206,7 +206,7 @@ def markdown(reports: list[dict], args: argparse.Namespace) -> str:
     lines = [f"# TAPE and FirstBlockCache per model family, {device}", "",
              f"Random weights ({reports[0]['info']['dtype'] if reports else '?'}), one device, {args.steps}-step "
              "pipeline calls with prompt embeddings (output_type=\"latent\", no VAE), bare forwards at a mid-schedule "
-             f"timestep. TAPE = TapeConfig(keep={args.keep}); FirstBlockCache with a fixed pattern (all blocks every "
+             f"timestep. TAPE = TapeConfig(keep={args.keep}, budget=\"even\"); FirstBlockCache with a fixed pattern (all blocks every "
              f"{args.fbc_every} steps). Speedup = unpruned forward / forward. Ideal = the unpruned forward's non-block "
              "time + each block's measured time at its token count; measured / ideal speedup = ideal ms / measured ms "
              "(target >= 0.9). Made by `python benchmarks/family_speed.py " + " ".join(sys.argv[1:]) + "`.", "",

@@ -89,9 +89,9 @@ def main() -> None:
         "lip-dup2": vidprune.LipConfig(duplicates=2, source_latents=source),
         "lip-clean-kv": vidprune.LipConfig(kv_source="clean", source_latents=source),
         # TAPE prunes among the tokens LIP keeps (half of them, on average over the steps).
-        "lip-noar-tape": vidprune.LipConfig(recovery=False, tape=vidprune.TapeConfig(keep=args.tape_keep),
+        "lip-noar-tape": vidprune.LipConfig(recovery=False, tape=vidprune.TapeConfig(keep=args.tape_keep, budget="even"),
                                             source_latents=source),
-        "lip-tape": vidprune.LipConfig(tape=vidprune.TapeConfig(keep=args.tape_keep), source_latents=source),
+        "lip-tape": vidprune.LipConfig(tape=vidprune.TapeConfig(keep=args.tape_keep, budget="even"), source_latents=source),
     }
     if args.methods:
         unknown = sorted(set(args.methods) - set(methods))

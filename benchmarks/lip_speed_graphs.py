@@ -155,9 +155,9 @@ def run_graphs(args: argparse.Namespace, make_call: Callable) -> None:
         "unpruned": None,
         "lip-noar": vidprune.LipConfig(recovery=False, source_latents=source),
         "lip": vidprune.LipConfig(source_latents=source),
-        "lip-noar-tape": vidprune.LipConfig(recovery=False, tape=vidprune.TapeConfig(keep=args.tape_keep),
+        "lip-noar-tape": vidprune.LipConfig(recovery=False, tape=vidprune.TapeConfig(keep=args.tape_keep, budget="even"),
                                             source_latents=source),
-        "lip-tape": vidprune.LipConfig(tape=vidprune.TapeConfig(keep=args.tape_keep), source_latents=source),
+        "lip-tape": vidprune.LipConfig(tape=vidprune.TapeConfig(keep=args.tape_keep, budget="even"), source_latents=source),
     }
     timer = ForwardTimer(pipe.transformer)
     rows, eager_latents = [], {}

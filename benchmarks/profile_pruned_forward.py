@@ -1,6 +1,6 @@
 """Where a TAPE-pruned forward's time goes, per model (random weights, bf16, one GPU): the
 blocks, TAPE's selection at each span start, the gather of the kept tokens' block inputs and
-the scatter back, each as a profiler range over one real pipeline call (TapeConfig(keep=0.5),
+the scatter back, each as a profiler range over one real pipeline call (TapeConfig(keep=0.5, budget="even"),
 5 steps, prompt embeddings, output_type="latent"), in GPU time per pruned forward.
 Written to find why CogVideoX's pruned forward runs at 0.85 of its ideal (family_speed.md).
 
@@ -63,7 +63,7 @@ def profile_model(name: str, steps: int) -> dict:
     pipe = build_random_pipeline(name, "cuda")
     pipe.set_progress_bar_config(disable=True)
     call = adapter.benchmark_call(shape, "cuda", torch.bfloat16, torch.Generator().manual_seed(0))
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5))
+    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, budget="even"))
     with torch.no_grad():
         pipe(**call, num_inference_steps=steps)  # warm-up
         torch.cuda.synchronize()
@@ -88,7 +88,7 @@ def profile_model(name: str, steps: int) -> dict:
 
 def markdown(results: list[dict], command: str) -> str:
     lines = ["# Where a TAPE-pruned forward's time goes (random weights, bf16, NVIDIA H200)", "",
-             f"One profiled pipeline call per model (TapeConfig(keep=0.5), its steps' forwards). Made by `{command}`.", "",
+             f"One profiled pipeline call per model (TapeConfig(keep=0.5, budget="even"), its steps' forwards). Made by `{command}`.", "",
              "| model | forwards (pruned) | spans | part | GPU ms in the call | CPU ms in the call | calls |",
              "|---|---|---|---|---|---|---|"]
     for r in results:

@@ -46,7 +46,7 @@ def methods() -> dict[str, tuple[vidprune.TapeConfig | None, tuple[str, float] |
     """name -> (TAPE config or None, diffusers cache (kind, value) or None)."""
     table: dict[str, tuple] = {}
     for keep in (0.3, 0.5, 0.7):  # the named methods: the bench registry's configurations
-        table[f"default:{keep}"] = (tape_config("tape", keep), None)
+        table[f"default:{keep}"] = (tape_config("tape-even", keep), None)
         table[f"paper:{keep}"] = (tape_config("paper", keep), None)
     table["naive:0.5"] = (tape_config("naive", 0.5), None)
     table["random:0.5"] = (tape_config("random", 0.5), None)
@@ -74,13 +74,13 @@ def methods() -> dict[str, tuple[vidprune.TapeConfig | None, tuple[str, float] |
         "change-since-step": dict(change_since="step"),
     }
     for name, change in ablations.items():
-        table[f"default:0.5 {name}"] = (tape_config("tape", 0.5).with_(**change), None)
+        table[f"default:0.5 {name}"] = (tape_config("tape-even", 0.5).with_(**change), None)
     for kind, values in (("mag", (0.06, 0.12, 0.24)), ("fbc", (0.05, 0.1, 0.2)), ("taylor", (3, 5))):
         for value in values:
             table[f"{kind}:{value}"] = (None, (kind, value))
     for keep, cache in ((0.5, ("fbc", 0.1)), (0.5, ("mag", 0.06)), (0.7, ("mag", 0.06)), (0.7, ("mag", 0.12)),
                         (0.7, ("mag", 0.24))):
-        table[f"default:{keep}+{cache[0]}:{cache[1]}"] = (tape_config("tape", keep), cache)
+        table[f"default:{keep}+{cache[0]}:{cache[1]}"] = (tape_config("tape-even", keep), cache)
     return table
 
 

@@ -137,9 +137,9 @@ def main() -> None:
     timer = ForwardTimer(transformer)
     methods = {
         "unpatched": None,
-        f"tape_default_{args.keep}": vidprune.TapeConfig(keep=args.keep),
-        f"tape_block_cache_{args.keep}": vidprune.TapeConfig(keep=args.keep, cache="block"),
-        f"tape_constant_nodense_{args.keep}": vidprune.TapeConfig(keep=args.keep, dense_first=0.0),
+        f"tape_default_{args.keep}": vidprune.TapeConfig(keep=args.keep, budget="even"),
+        f"tape_block_cache_{args.keep}": vidprune.TapeConfig(keep=args.keep, budget="even", cache="block"),
+        f"tape_constant_nodense_{args.keep}": vidprune.TapeConfig(keep=args.keep, budget="even", dense_first=0.0),
         f"paper_{args.keep}": vidprune.TapeConfig.paper(args.keep),
         f"naive_{args.keep}": vidprune.TapeConfig.naive(args.keep),
         f"random_{args.keep}": vidprune.TapeConfig.random(args.keep),
@@ -177,7 +177,7 @@ def main() -> None:
             entry["measured_over_ideal"] = entry["forward_ms_mean"] / entry["ideal_forward_ms_mean"]
 
     # -- 3. the cost of selection, gather and scatter at one span start ------------------------
-    config = vidprune.TapeConfig(keep=args.keep)
+    config = vidprune.TapeConfig(keep=args.keep, budget="even")
     queries = sample_queries(grid, config.query_samples, 0, device)
     hidden = captured["hidden_states"]
 
@@ -222,7 +222,7 @@ def profile(pipe, call, path: Path) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    vidprune.apply(pipe, vidprune.TapeConfig())
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even"))
     with torch.no_grad():
         call(2)
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -223,9 +223,10 @@ def test_unsupported_model_names_the_class_and_the_supported_ones():
         vidprune.apply(tiny_transformer(), {"keep": 0.5})
 
 
-@pytest.mark.parametrize("changes", [{}, dict(cache="none", change_weight=0.0, staleness_weight=0.0, refresh_every=0),
-                                     dict(dense_first=0.0, cache="none", refresh_every=0, change_weight=0, staleness_weight=0.0,
-                                          dense_last=0.1)])
+@pytest.mark.parametrize("changes", [{}, dict(budget="even", cache="none", change_weight=0.0, staleness_weight=0.0,
+                                                refresh_every=0),
+                                     dict(budget="even", dense_first=0.0, cache="none", refresh_every=0, change_weight=0,
+                                          staleness_weight=0.0, dense_last=0.1)])
 def test_state_across_steps_needs_a_pipeline(changes):
     """The default, and any config carrying a cache, history or dense steps, is refused on a
     bare transformer, whose forwards belong to no call; the paper preset applies."""
