@@ -191,3 +191,35 @@ def test_edit_runs_lip_on_a_cogvideox_pipeline_folder(folders, tmp_path, capsys)
     assert "(CogVideoXPipeline)" in out and "tokens pruned:" in out
     frames = imageio.mimread(output)
     assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
+
+
+def test_calibrate_writes_profiles_that_generate_takes(folders, tmp_path, capsys):
+    """`vidprune calibrate` on a saved pipeline folder writes one profile per target, each at most
+    its cost; `generate --budget PROFILE` runs it; a profile for other steps is refused by name."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\na blue square moves left\n")
+    out = tmp_path / "profiles"
+    code, printed, err = run(["calibrate", "--model", str(folders["CogVideoXPipeline"]), "--prompts", str(prompts),
+                              "--steps", "4", "--height", "64", "--width", "64", "--targets", "0.7", "0.4",
+                              "--moves", "1", "--out", str(out), *SIZE], capsys)
+    assert code == 0, err
+    assert "sensitivity 6/6" in printed  # progress from the start: 3 steps x 2 levels
+    files = sorted(out.glob("*.json"))
+    assert [f.name.split("-cost")[1] for f in files] == ["0.40.json", "0.70.json"]
+    for path in files:
+        profile = json.loads(path.read_text())
+        assert profile["steps"] == 4 and profile["cost"] <= profile["target_cost"] + 1e-9
+        assert profile["scheduler"] and profile["calibration"]["prompts"] == 2
+    output = tmp_path / "clip.mp4"
+    code, printed, err = run(["generate", "a red ball", "--model", str(folders["CogVideoXPipeline"]), "--height", "64",
+                              "--width", "64", "--steps", "4", "--budget", str(files[0]), "-o", str(output), *SIZE], capsys)
+    assert code == 0, err
+    assert "budget profile for 4 steps" in printed
+    code, _, err = run(["generate", "a red ball", "--model", str(folders["CogVideoXPipeline"]), "--steps", "5",
+                        "--budget", str(files[0]), "-o", str(tmp_path / "other.mp4"), *SIZE], capsys)
+    assert code == 2 and "made for 4 steps and the call runs 5" in err and "vidprune calibrate" in err
+
+
+def test_calibrate_needs_prompts_for_a_model_of_your_own(folders, tmp_path, capsys):
+    code, _, err = run(["calibrate", "--model", str(folders["CogVideoXPipeline"]), "--out", str(tmp_path), *SIZE], capsys)
+    assert code == 2 and "--prompts FILE is needed with --model" in err

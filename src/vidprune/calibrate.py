@@ -210,6 +210,8 @@ def pipeline_search(pipe, call: Callable[[], torch.Tensor], steps: int, config: 
     from .runtime import pruner_of
     from .selection import kept_per_frame
 
+    if steps < 2:
+        raise ValueError(f"calibration needs calls of at least 2 steps (a first step is dense), not {steps}")
     remove(pipe)
     reference = call()
     # A call to read the forwards from: their noise levels, and the token grid of a token step

@@ -54,9 +54,10 @@ def run(args: argparse.Namespace) -> None:
         print(f"calibrate: {message} ({time.perf_counter() - started:.0f} s)", flush=True)
 
     def call() -> torch.Tensor:
-        generators = [torch.Generator(device).manual_seed(args.seed + i) for i in range(len(prompts))]
-        return pipe(prompt=prompts, num_frames=args.frames, height=args.height, width=args.width,
-                    generator=generators, output_type="latent", **settings).frames
+        # One prompt a call: some families select per call, not per sample (CogVideoX's RoPE)
+        return torch.cat([pipe(prompt=prompt, num_frames=args.frames, height=args.height, width=args.width,
+                               generator=torch.Generator(device).manual_seed(args.seed + i), output_type="latent",
+                               **settings).frames for i, prompt in enumerate(prompts)])
 
     config = TapeConfig()
     print(f"calibrating {name}: {len(prompts)} prompts, {steps} steps, target costs {list(args.targets)}, "
