@@ -290,7 +290,7 @@ class TapePruner(TokenPruner):
         return open_span.input + memory.residual, text
 
     def finish_rest(self, span: Span, open_span: OpenSpan, rest: Any) -> Any:
-        if self.config.cache == "span" and self.adapter.returns_text_stream and self.state.remembers(self.state.current.branch):
+        if self.config.reuses and self.adapter.returns_text_stream and self.state.remembers(self.state.current.branch):
             # the text stream's span residual, for reuse steps (next_block_inputs: the text
             # stream enters a block as encoder_hidden_states)
             self.memory(span.start).text_residual = rest - open_span.inputs["encoder_hidden_states"]
