@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 import vidprune
-from vidprune.bench import MethodContext, cache_config, calibrate_mag_ratios, generation_inputs
-from vidprune.bench.caches import enable_first_block_cache
+from vidprune.bench import MethodContext, calibrate_mag_ratios, generation_inputs
+from vidprune.bench.caches import enable_cache_method
 from vidprune.calibrate import calibrate, pipeline_search
 from vidprune.cli_calibrate import demo_calibration_prompts
 from vidprune.demo.pipeline import DEFAULT_CALL
@@ -206,11 +206,8 @@ def main() -> None:
         for name, tape, cache in entries:
             if tape is not None:
                 vidprune.apply(pipe, tape)
-            elif cache[0] in ("fbc", "fbc-fixed"):
-                enable_first_block_cache(pipe, cache[1] if cache[0] == "fbc" else 0.0,
-                                         int(cache[1]) if cache[0] == "fbc-fixed" else None)
             else:
-                pipe.transformer.enable_cache(cache_config(pipe, cache[0], cache[1], setup))
+                enable_cache_method(pipe, cache[0], cache[1], setup)
             mode = "single" if cache is not None and cache[0] == "fbc" else "batched"
             try:
                 generate(batches[mode][0], 0)  # warm-up of this method

@@ -33,7 +33,7 @@ import torch
 import vidprune
 from vidprune.bench import ForwardTimer, build_random_pipeline
 from vidprune.bench.block_times import BlockTimes
-from vidprune.bench.caches import MethodContext, cache_config, enable_first_block_cache
+from vidprune.bench.caches import MethodContext, enable_cache_method
 from vidprune.budget import BudgetProfile
 
 TOKEN_KEEPS = (0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
@@ -147,11 +147,8 @@ def main() -> None:
         setup = MethodContext(steps=steps)
         for kind, value in (("mag-fixed", 1), ("mag-fixed", 2), ("mag-fixed", 3), ("fbc-fixed", 2), ("fbc-fixed", 3),
                             ("taylor", 3)):
-            if kind == "fbc-fixed":
-                enable = lambda: enable_first_block_cache(pipe, 0.0, int(value))  # noqa: E731
-            else:
-                enable = lambda: transformer.enable_cache(cache_config(pipe, kind, value, setup))  # noqa: E731
-            seconds, forwards, last_ran = timed_call(enable, lambda: transformer.disable_cache())
+            seconds, forwards, last_ran = timed_call(lambda: enable_cache_method(pipe, kind, value, setup),
+                                                     lambda: transformer.disable_cache())
             skipped = [f for f, r in zip(forwards, last_ran) if not r]
             record(f"{kind}:{value}", seconds, forwards, {"computed_forwards": sum(last_ran),
                                                           "skipped_forward_ms": statistics.median(skipped) if skipped else None})

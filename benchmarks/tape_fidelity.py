@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 import vidprune
-from vidprune.bench import MethodContext, cache_config, calibrate_mag_ratios, generation_inputs, tape_config
+from vidprune.bench import MethodContext, calibrate_mag_ratios, generation_inputs, tape_config
+from vidprune.bench.caches import enable_cache_method
 from vidprune.demo.measure import object_colour, object_direction
 from diffusers import WanPipeline
 from vidprune.demo.pipeline import DEFAULT_CALL, MODEL_DIR, load_demo_pipeline
@@ -75,7 +76,8 @@ def methods() -> dict[str, tuple[vidprune.TapeConfig | None, tuple[str, float] |
     }
     for name, change in ablations.items():
         table[f"default:0.5 {name}"] = (tape_config("tape-even", 0.5).with_(**change), None)
-    for kind, values in (("mag", (0.06, 0.12, 0.24)), ("fbc", (0.05, 0.1, 0.2)), ("taylor", (3, 5))):
+    for kind, values in (("mag", (0.06, 0.12, 0.24)), ("mag-fixed", (1, 2, 3)), ("fbc", (0.05, 0.1, 0.2)),
+                         ("fbc-fixed", (2, 3)), ("taylor", (3, 5))):
         for value in values:
             table[f"{kind}:{value}"] = (None, (kind, value))
     for keep, cache in ((0.5, ("fbc", 0.1)), (0.5, ("mag", 0.06)), (0.7, ("mag", 0.06)), (0.7, ("mag", 0.12)),
@@ -152,7 +154,7 @@ def main() -> None:
             if config is not None:
                 vidprune.apply(pipe, config)
             if cache is not None:
-                pipe.transformer.enable_cache(cache_config(pipe, cache[0], cache[1], setup))
+                enable_cache_method(pipe, cache[0], cache[1], setup)
             mode = "single" if cache is not None and cache[0] == "fbc" else "batched"
             try:
                 generate(batches[mode][0], 0)  # warm-up of this method

@@ -50,8 +50,19 @@ def cache_config(pipe: Any, kind: str, value: float, setup: MethodContext) -> An
             spatial_attention_block_skip_range=n, cross_attention_block_skip_range=2 * n,
             current_timestep_callback=timestep,
         )
-    return FasterCacheConfig(spatial_attention_block_skip_range=n, current_timestep_callback=timestep,
-                             attention_weight_callback=lambda _: 0.5, is_guidance_distilled=True)
+    if kind == "faster":
+        return FasterCacheConfig(spatial_attention_block_skip_range=n, current_timestep_callback=timestep,
+                                 attention_weight_callback=lambda _: 0.5, is_guidance_distilled=True)
+    raise ValueError(f"no diffusers cache configuration for {kind!r} (FirstBlockCache: enable_cache_method)")
+
+
+def enable_cache_method(pipe: Any, kind: str, value: float, setup: MethodContext) -> None:
+    """Enable the registry's cache `kind` at `value` on the pipeline (FirstBlockCache on every
+    transformer, fixed or by its threshold; the others on `transformer` from cache_config)."""
+    if kind in ("fbc", "fbc-fixed"):
+        enable_first_block_cache(pipe, value if kind == "fbc" else 0.0, int(value) if kind == "fbc-fixed" else None)
+    else:
+        pipe.transformer.enable_cache(cache_config(pipe, kind, value, setup))
 
 
 def fix_first_block_cache(pipe: Any, transformer: torch.nn.Module, every: int) -> None:
