@@ -88,7 +88,9 @@ def markdown(fidelity: dict, speed: dict, rows: list[dict]) -> str:
         f"{info['evaluation_prompts']} held-out prompts x {info['seeds']} seeds, {info['call']}; medians against the "
         "unpruned video of the same prompt and seed. Profiles calibrated on "
         f"{len(info['calibration_prompts'])} captions of the training split (disjoint from the evaluation prompts); "
-        f"MagCache's ratios calibrated on one of them. `{info['command']}`.", "",
+        f"MagCache's ratios calibrated on one of them. `{info['command']}`; the calibrated caches, FirstBlockCache "
+        "and TaylorSeer in a second run of the same script (`--caches ...`, same prompts, seeds and model, its own "
+        "unpruned references), where the first run's time ran out.", "",
         f"Speed: {sinfo['device']}, {sinfo['model']} with {sinfo['weights']}, {sinfo['dtype']}, video "
         f"{sinfo['video']}, {sinfo['steps']} steps, CFG {sinfo['guidance_scale']}: the unpruned call "
         f"{speed['calls']['unpruned']['call_s']:.2f} s. Full-size speedup = unpruned call over the call predicted "
