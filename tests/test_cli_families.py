@@ -223,3 +223,14 @@ def test_calibrate_writes_profiles_that_generate_takes(folders, tmp_path, capsys
 def test_calibrate_needs_prompts_for_a_model_of_your_own(folders, tmp_path, capsys):
     code, _, err = run(["calibrate", "--model", str(folders["CogVideoXPipeline"]), "--out", str(tmp_path), *SIZE], capsys)
     assert code == 2 and "--prompts FILE is needed with --model" in err
+
+
+@pytest.mark.parametrize("arguments, message", [(["--levels", "1.5"], "levels must be keeps in"),
+                                                (["--moves", "-1"], "moves must be an integer >= 0"),
+                                                (["--prompts", "missing.txt"], "missing.txt")])
+def test_calibrate_refuses_bad_arguments_before_loading(arguments, message, tmp_path, capsys, monkeypatch):
+    import vidprune.cli_calibrate as command
+
+    monkeypatch.setattr(command, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    code, _, err = run(["calibrate", "--out", str(tmp_path), *arguments], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1

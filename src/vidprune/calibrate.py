@@ -171,17 +171,22 @@ def search_budget(search: Search, config: TapeConfig, sigmas: Sequence[float], t
     return best, best_error, {name: error for name, (_, error) in measured.items()}
 
 
+def check_search(targets: Sequence[float], levels: Sequence[float], moves: int) -> None:
+    """A ValueError naming what is accepted, for targets, levels or moves the search cannot take."""
+    if not levels or any(not 0.0 <= level < 1.0 for level in levels):
+        raise ValueError(f"levels={list(levels)!r} is not accepted: levels must be keeps in [0, 1) (dense is always a choice)")
+    if not targets or any(not 0.0 < t <= 1.0 for t in targets):
+        raise ValueError(f"targets={list(targets)!r} is not accepted: targets must be costs in (0, 1] (shares of the "
+                         "dense call's block FLOPs)")
+    if isinstance(moves, bool) or not isinstance(moves, int) or moves < 0:
+        raise ValueError(f"moves={moves!r} is not accepted: moves must be an integer >= 0")
+
+
 def calibrate(search: Search, config: TapeConfig, sigmas: Sequence[float], targets: Sequence[float] = DEFAULT_TARGETS,
               levels: Sequence[float] = DEFAULT_LEVELS, moves: int = 8, **profile_fields) -> list[BudgetProfile]:
     """One profile per target cost (see the module's docstring); `profile_fields` (family,
     model, scheduler, guidance_scale) go into each profile, with how it was made."""
-    bad = [level for level in levels if not 0.0 <= level < 1.0]
-    if not levels or bad:
-        raise ValueError(f"levels={list(levels)!r} is not accepted: levels must be keeps in [0, 1) (dense is always a choice)")
-    bad = [t for t in targets if not 0.0 < t <= 1.0]
-    if not targets or bad:
-        raise ValueError(f"targets={list(targets)!r} is not accepted: targets must be costs in (0, 1] (shares of the "
-                         "dense call's block FLOPs)")
+    check_search(targets, levels, moves)
     started = time.perf_counter()
     sensitivity = sensitivities(search, levels)
     profiles = []

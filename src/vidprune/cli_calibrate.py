@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import DEFAULT_LEVELS, DEFAULT_TARGETS, calibrate, pipeline_search
+from .calibrate import DEFAULT_LEVELS, DEFAULT_TARGETS, calibrate, check_search, pipeline_search
 from .cli_arguments import FRAMES, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, SIZE, device_name, model_name
 from .cli_loading import _device, _is_demo_folder, call_settings, load_pipeline
 from .config import TapeConfig
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> None:
     if args.prompts is None and not demo:
         raise ValueError("--prompts FILE is needed with --model (one calibration prompt a line; never the prompts "
                          "you will measure the profiles on)")
+    check_search(args.targets, args.levels, args.moves)  # before anything loads
     prompts = read_prompts(args.prompts) if args.prompts else demo_calibration_prompts(DEMO_CALIBRATION_PROMPTS)
     args.out.mkdir(parents=True, exist_ok=True)
     settings = call_settings(args)
