@@ -141,3 +141,20 @@ def test_lip_refuses_first_block_cache_and_stacks_with_mag_cache(clean, mag_cach
     assert torch.isfinite(edited).all() and mag_cache_warnings == []
     assert 0 < calls["first"] < len(forwards) and vidprune.stats(pipe).mean_keep < 1
     pipe.transformer.disable_cache()
+
+
+def test_first_block_cache_with_reuse_steps_is_refused_before_any_block_runs():
+    """TAPE's default budget (reuse steps) already skips whole steps, FirstBlockCache's first block too."""
+    pipe, _, call = tiny_pipeline("wan-tiny")
+    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5))
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    ran = []
+    handle = feed_forward(pipe.transformer.blocks[0]).register_forward_hook(lambda m, a, o: ran.append(1))
+    try:
+        with pytest.raises(ValueError, match="both skip whole steps.*use one of them"):
+            call()
+    finally:
+        handle.remove()
+        pipe.transformer.disable_cache()
+        vidprune.remove(pipe)
+    assert ran == []
