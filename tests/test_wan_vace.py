@@ -298,3 +298,59 @@ def test_a_cycle_budget_runs_with_hints_and_reuse_steps_run_no_main_block(pipe):
     reused = [f for f in stats.forwards if f.keep == 0.0]
     assert reused and torch.isfinite(out).all() and not torch.equal(out, reference)
     assert len(calls) == len(pipe.transformer.blocks) * (len(stats.forwards) - len(reused))
+
+
+def test_reuse_steps_skip_the_control_blocks_and_change_nothing_else(pipe, monkeypatch):
+    """Every hint lands inside the span of a cycle budget, so on a reuse step the spans' residuals
+    hold them: the control blocks do not run there, the output is the one they would give, and the
+    FLOPs of those forwards are 0."""
+    from vidprune.tape import TapePruner
+
+    def controlled(skip: bool):
+        if not skip:
+            monkeypatch.setattr(TapePruner, "reuses_forward", lambda self: False)
+        vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, dense_first=0.0))
+        calls = []
+        handles = [block.ffn.register_forward_hook(lambda m, a, o: calls.append(1)) for block in pipe.transformer.vace_blocks]
+        try:
+            out = generate(pipe, references=1, steps=4)
+        finally:
+            for handle in handles:
+                handle.remove()
+            monkeypatch.undo()
+        stats = vidprune.stats(pipe)
+        vidprune.remove(pipe)
+        return out, len(calls), stats
+
+    skipped, skipped_calls, stats = controlled(True)
+    ran, ran_calls, _ = controlled(False)
+    reused = [f for f in stats.forwards if f.keep == 0.0]
+    blocks = len(pipe.transformer.vace_blocks)
+    assert reused and torch.equal(skipped, ran)
+    assert ran_calls == blocks * len(stats.forwards) and skipped_calls == blocks * (len(stats.forwards) - len(reused))
+    assert all(f.unpruned_skipped and f.block_flops == 0.0 for f in reused)
+
+
+def test_control_blocks_run_on_reuse_steps_when_a_hint_lands_after_a_span():
+    """Spans [0, 0], [1, 5] (a lead span before first_pruned_layer=1): hint 0 is added after the
+    lead span's last block, outside every remembered residual, so no control block may skip (hints
+    2 and 4 are still gathered); with one span over the stack every one may."""
+    from vidprune.adapters import adapter_for
+    from vidprune.runtime import attach, detach
+    from vidprune.tape import TapePruner, TapeState
+
+    model = tiny_vace()
+
+    def control_hooks(config: vidprune.TapeConfig) -> tuple[list, list]:
+        pruner = attach(TapePruner(model, adapter_for(model), config, TapeState(config)))
+        try:
+            registries = [getattr(block, "_diffusers_hook", None) for block in model.vace_blocks]
+            hooks = [r.get_hook("vidprune") for r in registries if r is not None and r.get_hook("vidprune")]
+            return [(s.start, s.end) for s in pruner.spans], hooks
+        finally:
+            detach(model)
+
+    spans, hooks = control_hooks(vidprune.TapeConfig(budget=[1.0, 0.0, 0.5], first_pruned_layer=1, reselect_every=0))
+    assert spans == [(0, 0), (1, 5)] and len(hooks) == 2 and not any(hook.skips for hook in hooks)
+    spans, hooks = control_hooks(vidprune.TapeConfig(keep=0.5))
+    assert spans == [(0, 5)] and len(hooks) == len(model.vace_blocks) and all(hook.skips for hook in hooks)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -20,6 +19,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
 
 from .adapters import Adapter
+from .arguments import bind_arguments
 from .graphs import Graph, SpanGraphs
 from .parallel import SequenceShard, check_shard_length, is_cp_hook, shard_of
 from .stats import ForwardRecord, PruneStats, SpanRecord
@@ -28,17 +28,6 @@ from .tokens import TokenGrid, scatter_tokens
 HOOK_NAME = "vidprune"
 
 
-@functools.lru_cache(maxsize=None)
-def _parameters(function: Callable) -> list[str]:
-    names = list(inspect.signature(function).parameters)
-    return names[1:] if names and names[0] == "self" else names
-
-
-def bind_arguments(function: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """Arguments of a call of `function` (an unbound method) by parameter name."""
-    named = dict(zip(_parameters(function), args))
-    named.update(kwargs)
-    return named
 
 
 def _taken(gathered: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
@@ -173,6 +162,11 @@ class TokenPruner:
         """Device memory the method holds across forwards (its token caches)."""
         return 0
 
+    def reuses_forward(self) -> bool:
+        """Whether the forward in progress is a reuse step on which no span will run a block
+        (an adapter can then skip work that only feeds the blocks: VACE's control blocks)."""
+        return False
+
     def attention_keys(self) -> int | None:
         """Self-attention keys inside spans when they differ from the kept tokens."""
         return None
@@ -232,7 +226,7 @@ class TokenPruner:
         span_at = {layer: span for span in record.spans for layer in range(span.start, span.end + 1)}
         flops = functools.partial(self.adapter.block_flops, self.transformer, context_tokens=record.context_tokens)
         unpruned = self.adapter.unpruned_flops(self.transformer, record.tokens, record.context_tokens)
-        record.block_flops = unpruned + sum(
+        record.block_flops = (0.0 if record.unpruned_skipped else unpruned) + sum(
             (0.0 if span_at[layer].reused else flops(span_at[layer].tokens, keys=span_at[layer].keys))
             if layer in span_at else flops(record.tokens)
             for layer in range(self.num_layers)

@@ -44,6 +44,7 @@ class ForwardRecord:
     shared_selection: bool = False
     block_flops: float = 0.0
     block_flops_unpruned: float = 0.0
+    unpruned_skipped: bool = False  # a reuse step skipped the adapter's unpruned work (VACE's control blocks)
 
     @property
     def flops_saved(self) -> float:

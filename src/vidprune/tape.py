@@ -278,6 +278,9 @@ class TapePruner(TokenPruner):
         if self.block_cache is not None:
             self.block_cache.after_block(block, layer, span, self.memory(span.start))
 
+    def reuses_forward(self) -> bool:
+        return self.reusing and all(self.memory(span.start).residual is not None for span in self.spans)
+
     def reuse_span(self, span: Span, open_span: OpenSpan) -> tuple[torch.Tensor, Any] | None:
         """A reuse step: every token leaves the span with its input plus the residual the span
         gave it when last computed; a text stream (joint attention) likewise with its own."""

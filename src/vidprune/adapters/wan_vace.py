@@ -23,8 +23,10 @@ open (after a span's last block, which hands the model the full-length output). 
 span's last block is thus added by the model at full length, as unpruned. The control blocks
 are not pruned: they run before any main block, so before any selection (pruning them would
 need one made from the control stream alone). They are 15 of Wan2.1-VACE-1.3B's 45 blocks and 8
-of 14B's 48, which bounds TAPE's speedup there; their FLOPs are counted as unpruned work
-(`unpruned_flops`).
+of 14B's 48, which bounds TAPE's token steps' speedup there; their FLOPs are counted as unpruned
+work (`unpruned_flops`). On a reuse step they do not run when every hint lands inside a span (as
+with the default cycle budget's one span): the spans' remembered residuals hold the hints, and
+the model adds none (`_NoHint`); where a hint lands after a span's last block they run.
 
 Reference images (WanVACEPipeline(reference_images=...)) are extra latent frames before the
 video's, in the noisy latents and in the control latents, and the model gives them RoPE
@@ -52,6 +54,7 @@ import torch
 from diffusers import AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DModel
 from diffusers.hooks import HookRegistry, ModelHook
 
+from ..arguments import bind_arguments
 from ..tokens import gather_tokens
 from .base import BenchmarkShape, cross_attention_block_flops
 from .wan import _WAN_1_3B, _WAN_14B, _WAN_TINY, WanAdapter, wan_experts, wan_scheduler
@@ -93,17 +96,30 @@ class _KeptHint:
         return hint.to(*args, **kwargs)
 
 
+class _NoHint:
+    """The hint of a control block skipped on a reuse step: the model adds nothing."""
+
+    def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros(()).to(*args, **kwargs)
+
+
 class _ControlBlockHook(ModelHook):
-    """On a control block whose hint the model adds inside a span: on a pruned forward, its hint
-    (the first of the block's two outputs) becomes a _KeptHint."""
+    """On a control block: on a pruned forward whose span is open where the model adds the hint
+    (`gathers`), the hint (the first of the block's two outputs) becomes a _KeptHint; on a reuse
+    step (`skips`: every hint lands inside a span, so the spans' remembered residuals hold them),
+    the block does not run and gives no hint."""
 
-    def __init__(self, pruner: Any) -> None:
+    def __init__(self, pruner: Any, gathers: bool, skips: bool) -> None:
         super().__init__()
-        self.pruner = pruner
+        self.pruner, self.gathers, self.skips = pruner, gathers, skips
 
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         current = self.pruner.state.current
-        if current is None or not current.active or output[0] is None:
+        if self.skips and current is not None and self.pruner.reuses_forward():
+            current.record.unpruned_skipped = True
+            return _NoHint(), bind_arguments(type(module).forward, args, kwargs)["control_hidden_states"]
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if not self.gathers or current is None or not current.active or output[0] is None:
             return output
         return _KeptHint(output[0], self.pruner.state), output[1]
 
@@ -135,9 +151,12 @@ class WanVACEAdapter(WanAdapter):
     def register_hooks(self, pruner: Any, name: str) -> None:
         transformer = pruner.transformer
         inside = {layer for span in pruner.spans for layer in range(span.start, span.end)}  # not a span's last
-        for block, layer in zip(transformer.vace_blocks, sorted(transformer.config.vace_layers)):
-            if layer in inside:
-                HookRegistry.check_if_exists_or_initialize(block).register_hook(_ControlBlockHook(pruner), name)
+        layers = sorted(transformer.config.vace_layers)
+        skips = all(layer in inside for layer in layers)  # then a reuse step needs no hint
+        for block, layer in zip(transformer.vace_blocks, layers):
+            if layer in inside or skips:
+                hook = _ControlBlockHook(pruner, gathers=layer in inside, skips=skips)
+                HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, name)
 
     def complete_selection(self, transformer: torch.nn.Module, inputs: dict[str, Any],
                            index: torch.Tensor) -> torch.Tensor:

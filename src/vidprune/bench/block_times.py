@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from ..adapters import adapter_for
-from ..runtime import bind_arguments
+from ..arguments import bind_arguments
 from ..stats import ForwardRecord
 from .timing import time_ms
 
