@@ -4,6 +4,8 @@ adapter's benchmark pipeline), called with prompt embeddings and output_type="la
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -281,23 +283,30 @@ def test_control_block_hooks_follow_the_spans_and_go_with_remove(pipe):
     assert hooked_control_blocks(pipe.transformer) == [False] * 3
 
 
+def cycle_call(pipeline, blocks, steps: int) -> tuple[torch.Tensor, int, Any]:
+    """A call with the default cycle budget at keep 0.5 (no dense start): its output, how many
+    times `blocks` ran their feed-forward, and its stats; the pipeline is left unpatched."""
+    vidprune.apply(pipeline, vidprune.TapeConfig(keep=0.5, dense_first=0.0))
+    calls = []
+    handles = [block.ffn.register_forward_hook(lambda m, a, o: calls.append(1)) for block in blocks]
+    try:
+        out = generate(pipeline, references=1, steps=steps)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stats = vidprune.stats(pipeline)
+    vidprune.remove(pipeline)
+    return out, len(calls), stats
+
+
 def test_a_cycle_budget_runs_with_hints_and_reuse_steps_run_no_main_block(pipe):
     """Reuse steps with VACE: no main block runs on them (the hints are added to reused outputs
     as to computed ones), and the call stays finite."""
     reference = generate(pipe, references=1, steps=6)
-    vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, budget="cycle", dense_first=0.0))
-    calls = []
-    handles = [block.ffn.register_forward_hook(lambda m, a, o: calls.append(1)) for block in pipe.transformer.blocks]
-    try:
-        out = generate(pipe, references=1, steps=6)
-    finally:
-        for handle in handles:
-            handle.remove()
-    stats = vidprune.stats(pipe)
-    vidprune.remove(pipe)
+    out, calls, stats = cycle_call(pipe, pipe.transformer.blocks, steps=6)
     reused = [f for f in stats.forwards if f.keep == 0.0]
     assert reused and torch.isfinite(out).all() and not torch.equal(out, reference)
-    assert len(calls) == len(pipe.transformer.blocks) * (len(stats.forwards) - len(reused))
+    assert calls == len(pipe.transformer.blocks) * (len(stats.forwards) - len(reused))
 
 
 def test_reuse_steps_skip_the_control_blocks_and_change_nothing_else(pipe, monkeypatch):
@@ -306,24 +315,9 @@ def test_reuse_steps_skip_the_control_blocks_and_change_nothing_else(pipe, monke
     FLOPs of those forwards are 0."""
     from vidprune.tape import TapePruner
 
-    def controlled(skip: bool):
-        if not skip:
-            monkeypatch.setattr(TapePruner, "reuses_forward", lambda self: False)
-        vidprune.apply(pipe, vidprune.TapeConfig(keep=0.5, dense_first=0.0))
-        calls = []
-        handles = [block.ffn.register_forward_hook(lambda m, a, o: calls.append(1)) for block in pipe.transformer.vace_blocks]
-        try:
-            out = generate(pipe, references=1, steps=4)
-        finally:
-            for handle in handles:
-                handle.remove()
-            monkeypatch.undo()
-        stats = vidprune.stats(pipe)
-        vidprune.remove(pipe)
-        return out, len(calls), stats
-
-    skipped, skipped_calls, stats = controlled(True)
-    ran, ran_calls, _ = controlled(False)
+    skipped, skipped_calls, stats = cycle_call(pipe, pipe.transformer.vace_blocks, steps=4)
+    monkeypatch.setattr(TapePruner, "reuses_forward", lambda self: False)  # the control blocks run
+    ran, ran_calls, _ = cycle_call(pipe, pipe.transformer.vace_blocks, steps=4)
     reused = [f for f in stats.forwards if f.keep == 0.0]
     blocks = len(pipe.transformer.vace_blocks)
     assert reused and torch.equal(skipped, ran)

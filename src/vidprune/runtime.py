@@ -28,8 +28,6 @@ from .tokens import TokenGrid, scatter_tokens
 HOOK_NAME = "vidprune"
 
 
-
-
 def _taken(gathered: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     """The gathered per-token inputs a block takes: those among its own arguments. A span may
     run over blocks of two kinds that name an input differently (HunyuanVideo's RoPE tables),
@@ -282,11 +280,7 @@ class TokenPruner:
         if layer != span.end:
             return output
         hidden_states, rest = self.adapter.split_block_output(output)
-        # Only the video tokens were pruned; what else the block returns (a joint-attention
-        # block's text stream) is full length already.
-        current.span = None
-        return self.adapter.join_block_output(self.finish_span(span, open_span, hidden_states),
-                                              self.finish_rest(span, open_span, rest))
+        return self._close_span(span, open_span, hidden_states, rest)
 
     def _pass_block(self, span: Span, layer: int, open_span: OpenSpan) -> Any:
         """A block of a span whose output was made at its first block (`OpenSpan.done`): the
@@ -294,9 +288,16 @@ class TokenPruner:
         hidden_states, rest = open_span.done
         if layer != span.end:
             return self.adapter.join_block_output(open_span.input, rest)
-        self.state.current.span = None
         if open_span.reused:
+            self.state.current.span = None
             return self.adapter.join_block_output(hidden_states, rest)
+        return self._close_span(span, open_span, hidden_states, rest)
+
+    def _close_span(self, span: Span, open_span: OpenSpan, hidden_states: torch.Tensor, rest: Any) -> Any:
+        """The span's last block's output: the method's full-length video tokens and the rest.
+        Only the video tokens were pruned; what else the block returns (a joint-attention block's
+        text stream) is full length already."""
+        self.state.current.span = None
         return self.adapter.join_block_output(self.finish_span(span, open_span, hidden_states),
                                               self.finish_rest(span, open_span, rest))
 
