@@ -32,7 +32,8 @@ BAD_FIELDS = (
     + [(vidprune.TapeConfig, f, v) for f, v in [
         ("query_samples", 0), ("refresh_every", 1), ("seed", 2**64), ("reselect_layers", 5), ("reselect_layers", "12"),
         ("reselect_layers", []), ("reselect_layers", [3, 1]), ("reselect_layers", [1, True]), ("importance", "norm"),
-        ("importance", None), ("schedule", "exp"), ("cache", "spans"), ("cache", None), ("change_since", "last"),
+        ("importance", None), ("schedule", "exp"), ("cache", "spans"), ("cache", None), ("context", "all"), ("context_keys", None),
+        ("context_storage", "fp8"), ("change_since", "last"),
         ("per_frame", 1), ("share_cfg_selection", "yes"), ("record_selections", None), ("budget", "weekly"),
         ("budget", 0.5), ("budget", None), ("budget", [1.0, 2.0]), ("budget", [0.0, 0.0]), ("budget", [0.5, 1.0])]]
     + [(vidprune.LipDetection, f, v) for f in ("tau", "sigma") for v in NOT_NUMBERS + [-1.0]]

@@ -235,12 +235,16 @@ def pipeline_search(pipe, call: Callable[[], torch.Tensor], steps: int, config: 
     span_layers = sum(span.end - span.start + 1 for span in pruner.spans if span != pruner.lead)
     sigmas = [next(r.sigma for r in records if r.step == step) for step in range(steps)]
 
+    keys = grid.size if config.context == "full" else None  # full context: a token step's queries see every key
+
     def cost(keep: float) -> float:
         return forward_cost(keep, lambda k: kept_per_frame(grid, k) * grid.frames, grid.size, len(adapter.blocks(transformer)),
-                            span_layers, lambda tokens: adapter.block_flops(transformer, tokens, record.context_tokens))
+                            span_layers, lambda tokens: adapter.block_flops(transformer, tokens, record.context_tokens, keys))
 
     def error(keeps: list[float]) -> float:
-        apply(pipe, config.with_(budget=keeps))
+        # context matters on token steps only, and a budget without any takes context "kept"
+        context = config.context if any(0.0 < keep < 1.0 for keep in keeps) else "kept"
+        apply(pipe, config.with_(budget=keeps, context=context))
         try:
             return relative_error(call(), reference)
         finally:

@@ -16,6 +16,9 @@ IMPORTANCE_KINDS = ("attention", "random")
 SCHEDULE_SHAPES = ("constant", "linear", "cosine", "step")
 CACHE_KINDS = ("none", "span", "block")
 CHANGE_REFERENCES = ("computed", "step")
+CONTEXT_KINDS = ("kept", "full")
+CONTEXT_KEYS = ("replayed", "remembered")
+CONTEXT_STORAGE = ("model", "float8")
 MAX_SEED = 2**64 - 1
 
 
@@ -69,6 +72,17 @@ class TapeConfig:
         self-attention, cross-attention and feed-forward outputs from when it was last computed,
         each times the current step's modulation gate) or "none" (it passes the span unchanged,
         as in the paper). A span with no cache yet for a branch computes every token.
+    context: what the kept tokens of a token step attend over in a span: "kept" (the kept
+        tokens only: fastest) or "full" (every token: the pruned tokens take part as keys and
+        values, per `context_keys`). Kept-only attention shifts every softmax: on the demo
+        model it costs most of a token step's error (benchmarks/results/context).
+    context_keys: where a pruned token's key and value come from with context "full":
+        "replayed" (computed in each block from its state replayed block by block: its span
+        input plus each earlier block's residual from when it was last computed, held per
+        block; with cache "block" its replayed branch outputs) or "remembered" (the key and
+        value each block gave it when it was last computed, held per block).
+    context_storage: the precision of what full context holds per block: "model" (the model's
+        dtype) or "float8" (e4m3 with one scale per token: half of bf16's memory).
     attention_weight, change_weight, staleness_weight: weights of the three selection terms,
         each normalised to mean 1 over a sample's tokens: attention importance; the relative
         change of the token's span input since it was last computed; the number of selections
@@ -106,6 +120,9 @@ class TapeConfig:
     dense_first: float = 0.2
     dense_last: float = 0.0
     cache: str = "span"
+    context: str = "kept"
+    context_keys: str = "replayed"
+    context_storage: str = "model"
     attention_weight: float = 1.0
     change_weight: float = 1.0
     staleness_weight: float = 0.0
@@ -144,6 +161,15 @@ class TapeConfig:
         if self.dense_first + self.dense_last > 1.0:
             fail("dense_last", self.dense_last, f"<= 1 - dense_first ({1 - self.dense_first})")
         check_choice("cache", self.cache, CACHE_KINDS)
+        check_choice("context", self.context, CONTEXT_KINDS)
+        check_choice("context_keys", self.context_keys, CONTEXT_KEYS)
+        check_choice("context_storage", self.context_storage, CONTEXT_STORAGE)
+        if self.context == "full" and self.cache == "none":
+            fail("cache", self.cache, "'span' or 'block' with context='full' (a pruned token's key and value come from "
+                 "its remembered state)")
+        if self.context == "full" and not self.token_steps:
+            fail("context", self.context, "'kept' with a budget without token steps (full context changes token steps "
+                 "only: give budget='even', or a list or profile with keeps between 0 and 1)")
         for name in ("attention_weight", "change_weight", "staleness_weight"):
             check_number(name, getattr(self, name), 0.0)
         check_int("refresh_every", self.refresh_every, 0)
@@ -328,9 +354,13 @@ class LipConfig:
                 fail("tape", f"TapeConfig(budget={self.tape.budget!r})", "a TapeConfig without reuse steps, e.g. "
                      "TapeConfig(keep=..., budget='even') (LIP restores its pruned tokens from their references at "
                      "every step)")
+            if self.tape.context == "full":
+                fail("tape", "TapeConfig(context='full')", "a TapeConfig with context 'kept' (LIP's Attention Recovery "
+                     "decides the keys of its spans)")
             if self.tape.cache == "block":
                 fail("tape", "TapeConfig(cache='block')", "a TapeConfig with cache 'span' or 'none' (LIP's recovered "
                      "attention runs its own processor)")
 
 
-__all__ = ["TapeConfig", "LipConfig", "BudgetProfile", "IMPORTANCE_KINDS", "SCHEDULE_SHAPES", "CACHE_KINDS", "KV_SOURCES", "RESTORE_MODES"]
+__all__ = ["TapeConfig", "LipConfig", "BudgetProfile", "IMPORTANCE_KINDS", "SCHEDULE_SHAPES", "CACHE_KINDS", "CONTEXT_KINDS",
+           "CONTEXT_KEYS", "CONTEXT_STORAGE", "KV_SOURCES", "RESTORE_MODES"]

@@ -140,6 +140,11 @@ class LipPruner(TokenPruner):
     def handles_forward(self) -> bool:
         return self.state.recording is None
 
+    def extends_attention(self) -> bool:
+        # LIP's span covers every block; its clean pass records keys outside any forward's span.
+        current = self.state.current
+        return self.state.recording is not None or (current is not None and current.active)
+
     def plan_forward(self, current: ForwardState) -> None:
         lip_mask = self._lip_mask(current)
         keep = lip_mask.index.shape[1] / current.grid.size

@@ -79,6 +79,10 @@ def _check_target(target: Any, config: TapeConfig | LipConfig) -> list[torch.nn.
     if tape is not None and tape.cache == "block" and not all(adapter.supports_block_cache for adapter in adapters):
         name = next(type(t).__name__ for t, a in zip(transformers, adapters) if not a.supports_block_cache)
         raise ValueError(f"TapeConfig(cache='block') is not supported on {name}; use cache='span' (the default)")
+    if tape is not None and tape.context == "full" and not all(adapter.supports_full_context for adapter in adapters):
+        name = next(type(t).__name__ for t, a in zip(transformers, adapters) if not a.supports_full_context)
+        raise ValueError(f"TapeConfig(context='full') is not supported on {name} yet (Wan's WanTransformer3DModel has "
+                         "it); use context='kept' (the default)")
     if isinstance(config, LipConfig) and not all(adapter.supports_lip for adapter in adapters):
         name = next(type(t).__name__ for t, a in zip(transformers, adapters) if not a.supports_lip)
         raise ValueError(f"LIP is not supported on {name} yet; TAPE (vidprune.TapeConfig) is")

@@ -14,6 +14,7 @@ instances (tape.py, lip.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -31,13 +32,19 @@ class SpanMemory:
         (cache "block").
     compared_input: (batch, tokens, dim) the span input the change term compares with: each
         token's when it was last computed, or the last step's (only where this branch selects).
-    staleness: (batch, tokens) selections since each token was last computed."""
+    staleness: (batch, tokens) selections since each token was last computed.
+    layer_residuals: with full context from replayed states (context.py), per block of the
+        span but its last, the block's output minus input when each token was last computed.
+    keys_values: with full context from remembered keys, per block, the self-attention's key
+        and value (before RoPE, (batch, tokens, heads, head_dim)) when each token was last computed."""
 
     residual: torch.Tensor | None = None
     text_residual: torch.Tensor | None = None  # a joint-attention span's text stream, the same way
     branch_outputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     compared_input: torch.Tensor | None = None
     staleness: torch.Tensor | None = None
+    layer_residuals: dict[int, Any] = field(default_factory=dict)  # context.TokenRows
+    keys_values: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # context.TokenRows pairs
 
     @property
     def filled(self) -> bool:
@@ -46,7 +53,8 @@ class SpanMemory:
     def nbytes(self) -> int:
         tensors = [self.residual, self.text_residual, self.compared_input, self.staleness]
         tensors += [t for outputs in self.branch_outputs.values() for t in outputs]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        held = list(self.layer_residuals.values()) + [rows for pair in self.keys_values.values() for rows in pair]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None) + sum(r.nbytes() for r in held)
 
 
 def mean_normalised(values: torch.Tensor, among: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,11 +147,20 @@ def remember_span(memory: SpanMemory, span_input: torch.Tensor, index: torch.Ten
 
 
 def memory_estimate(cache: str, tracks_history: bool, spans: int, layers_in_spans: int, tokens: int, dim: int,
-                    element_bytes: int, branches: int = 2, batch: int = 1, branch_modules: int = 3) -> int:
+                    element_bytes: int, branches: int = 2, batch: int = 1, branch_modules: int = 3,
+                    context_keys: str | None = None, context_float8: bool = False) -> int:
     """Bytes the spans' memories hold in a call: per guidance branch and span, the residual
     (cache "span") or every block's branch outputs (cache "block"), (batch, tokens, dim) each;
-    for the selecting branch, each span's computed inputs and int32 staleness."""
+    for the selecting branch, each span's computed inputs and int32 staleness. With full
+    context (`context_keys` given), per branch also every block's residual but each span's
+    last ("replayed", with cache "span"), or every block's key and value ("remembered"); in
+    float8, one byte a value and a float32 scale per token."""
     row = batch * tokens * dim * element_bytes
-    cached = {"none": 0, "span": spans * row, "block": layers_in_spans * branch_modules * row}[cache] * branches
+    cached = {"none": 0, "span": spans * row, "block": layers_in_spans * branch_modules * row}[cache]
+    context_row = batch * tokens * (dim + 4) if context_float8 else row
+    if context_keys == "replayed" and cache == "span":
+        cached += (layers_in_spans - spans) * context_row
+    elif context_keys == "remembered":
+        cached += layers_in_spans * 2 * context_row
     history = spans * (row + batch * tokens * 4) if tracks_history else 0
-    return cached + history
+    return cached * branches + history

@@ -48,6 +48,7 @@ class OpenSpan:
     replayed: torch.Tensor | None = None  # TAPE cache "block": the pruned tokens' state through the span
     recovery_keys: Any = None  # LIP: the key positions of recovered attention in this span
     key_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # LIP: RoPE tables at those positions
+    context: Any = None  # TAPE's full context: the span's pruned tokens (context.PrunedTokens)
     # (output, rest) of the whole span, made at its first block, so its blocks pass: the kept
     # output of a CUDA graph of the span, or every token's output on a reuse step
     done: tuple[torch.Tensor, Any] | None = None
@@ -142,6 +143,7 @@ class TokenPruner:
         # vidprune.compile_blocks(graphs=True): makes the graph maker of a call's SpanGraphs
         self.graph_factory: Callable[[], Callable[[], Graph]] | None = None
         self.block_forwards: dict[int, Callable] = {}  # each span block's forward under vidprune's hook
+        self.context: Any = None  # TAPE's full context (context.FullContext), which the processors ask
 
     # -- to be provided by a method -----------------------------------------------------
     def plan_forward(self, current: ForwardState) -> None:
@@ -276,7 +278,7 @@ class TokenPruner:
         if open_span.done is not None:
             return self._pass_block(span, layer, open_span)
         output = forward(**inputs)
-        self.after_block(block, layer, open_span)
+        self.after_block(block, layer, open_span, inputs["hidden_states"], self.adapter.split_block_output(output)[0])
         if layer != span.end:
             return output
         hidden_states, rest = self.adapter.split_block_output(output)
@@ -339,8 +341,17 @@ class TokenPruner:
         current.record.spans[-1].graph = how
         return output
 
-    def after_block(self, block: torch.nn.Module, layer: int, span: OpenSpan) -> None:
-        """After each block of an open span (a method's per-block bookkeeping)."""
+    def after_block(self, block: torch.nn.Module, layer: int, span: OpenSpan, block_input: torch.Tensor,
+                    block_output: torch.Tensor) -> None:
+        """After each block of an open span that computed its video tokens `block_input` ->
+        `block_output` (the kept ones, or all when span.index is None): a method's bookkeeping."""
+
+    def extends_attention(self) -> bool:
+        """Whether the self-attention of the block running now takes the method's keys (LIP's
+        duplicates, TAPE's pruned tokens): the switch of the attention processors a method
+        installs, which otherwise do what the model's own do."""
+        current = self.state.current
+        return current is not None and current.active and current.span is not None
 
     def reuse_span(self, span: Span, open_span: OpenSpan) -> tuple[torch.Tensor, Any] | None:
         """On a reuse step, the span's (output, rest) without running its blocks; else None."""

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .config import TapeConfig
+from .context import FullContext
 from .importance import attention_log_normalizer, attention_received, random_importance, sample_queries
 from .parallel import SequenceShard, select_sharded
 from .refresh import SpanMemory, memory_estimate, refresh_scores, relative_change, remember_span
@@ -173,10 +174,14 @@ def conditional_half(inputs: dict[str, Any], batch: int) -> dict[str, Any]:
 
 
 def check_graphs(config: TapeConfig) -> None:
-    """Refuse what CUDA graphs of whole spans cannot run: cache "block" replays each block."""
+    """Refuse what CUDA graphs of whole spans cannot run: cache "block" replays each block, full
+    context moves the pruned tokens' states after each block."""
     if config.cache == "block":
         raise ValueError("TapeConfig(cache='block') replays every block on the pruned tokens, per block outside "
                          "a graph: with compile_blocks(graphs=True) use cache='span' (the default)")
+    if config.context == "full":
+        raise ValueError("TapeConfig(context='full') keeps the pruned tokens' states per block, outside a graph: with "
+                         "compile_blocks(graphs=True) use context='kept', or compile_blocks() without graphs=True")
 
 
 class TapePruner(TokenPruner):
@@ -198,17 +203,44 @@ class TapePruner(TokenPruner):
         self.fills = False  # this forward computes every token to fill the spans' memory
         self.reusing = False  # a reuse step (keep 0): spans with a memory run no block
         self.block_cache = BlockCache(self) if config.cache == "block" else None
+        self.context = FullContext(self) if config.context == "full" else None
+        self._span_end = {span.start: span.end for span in spans}  # the pruned spans (not the lead)
+        self._originals: list[tuple[torch.nn.Module, Any]] = []  # attention processors replaced for full context
 
     def check_graphs(self) -> None:
         check_graphs(self.config)
 
+    def check_parallel(self, shard: SequenceShard) -> None:
+        super().check_parallel(shard)
+        if self.context is not None:
+            raise ValueError("TapeConfig(context='full') is not supported under context parallelism yet (each rank would "
+                             "need every rank's pruned keys): use context='kept', or run on one GPU")
+
     def on_attach(self) -> None:
         if self.block_cache is not None:
             self.block_cache.attach()
+        if self.context is not None:  # the pruned spans' self-attention takes the pruned tokens' keys
+            blocks = self.adapter.blocks(self.transformer)
+            for start, end in self._span_end.items():
+                for layer in range(start, end + 1):
+                    attention = self.adapter.self_attention(blocks[layer])
+                    self._originals.append((attention, attention.processor))
+                    attention.processor = self.adapter.recovery_processor(attention.processor, self, layer)
 
     def on_detach(self) -> None:
         if self.block_cache is not None:
             self.block_cache.detach()
+        for attention, processor in self._originals:
+            attention.processor = processor
+        self._originals = []
+
+    def extends_attention(self) -> bool:
+        current = self.state.current
+        return (self.context is not None and super().extends_attention() and current.span.start in self._span_end
+                and self.state.remembers(current.branch))
+
+    def attention_keys(self) -> int | None:
+        return self.state.current.grid.size if self.context is not None else None
 
     def plan_forward(self, current: ForwardState) -> None:
         state, grid = self.state, current.grid
@@ -227,24 +259,33 @@ class TapePruner(TokenPruner):
             self.check_memory_fits(current)
 
     def check_memory_fits(self, current: ForwardState) -> None:
-        """At a call's first forward on a GPU: refuse a cache the device has no room for, before
-        any step runs, naming the one that fits."""
+        """At a call's first forward on a GPU: refuse a token cache the device has no room for,
+        before any step runs, naming a setting that needs less."""
         hidden_states = current.inputs["hidden_states"]
-        if not hidden_states.is_cuda or self.config.cache != "block":
+        config = self.config
+        if not hidden_states.is_cuda or (config.cache != "block" and config.context != "full"):
             return
         adapter, transformer = self.adapter, self.transformer
         needed = memory_estimate(
-            "block", self.config.refreshes, len(self.spans), sum(s.end - s.start + 1 for s in self.spans),
-            current.grid.size if current.shard is None else current.shard.size, adapter.hidden_size(transformer), hidden_states.element_size(),
+            config.cache, config.refreshes, len(self.spans), sum(s.end - s.start + 1 for s in self.spans),
+            current.grid.size if current.shard is None else current.shard.size, adapter.hidden_size(transformer),
+            hidden_states.element_size(),
             branches=1 if adapter.guidance_batched else 2,  # batched CFG: both branches are in the batch
             batch=hidden_states.shape[0], branch_modules=len(adapter.branch_modules(adapter.blocks(transformer)[0])),
+            context_keys=config.context_keys if config.context == "full" else None,
+            context_float8=config.context_storage == "float8",
         )
         free = torch.cuda.mem_get_info(hidden_states.device)[0]
         if needed > free:
+            settings = f"cache={config.cache!r}" + (f", context='full', context_keys={config.context_keys!r}"
+                                                     if config.context == "full" else "")
+            lighter = ("cache='span' (one residual per span and branch)" if config.cache == "block" else
+                       "context_storage='float8' (half the memory)" if config.context_storage != "float8" else
+                       "context_keys='replayed' (one residual per block, half the keys' size)"
+                       if config.context_keys == "remembered" else "context='kept' (one residual per span)")
             raise ValueError(
-                f"TapeConfig(cache='block') needs about {needed / 2**30:.1f} GiB for its token cache at {current.grid.size} "
-                f"tokens and {free / 2**30:.1f} GiB are free on {hidden_states.device}: use cache='span' (one residual "
-                "per span and branch, a fraction of that)"
+                f"TapeConfig({settings}) needs about {needed / 2**30:.1f} GiB for its token cache at {current.grid.size} "
+                f"tokens and {free / 2**30:.1f} GiB are free on {hidden_states.device}: use {lighter}"
             )
 
     def held_bytes(self) -> int:
@@ -264,6 +305,8 @@ class TapePruner(TokenPruner):
         if memory is not None and not memory.filled:  # nothing to stand in for pruned tokens yet
             current.record.keep = 1.0
             return None
+        if self.context is not None and not self.context.ready(span, memory):  # (a step cache skipped the fill)
+            return None
         # A cache (FirstBlockCache, MagCache) can skip this span in the step's first call: then
         # there is nothing to share and this call selects afresh.
         if self.partner_selections is not None and span.start in self.partner_selections:
@@ -274,9 +317,12 @@ class TapePruner(TokenPruner):
         self.selections[span.start] = index
         return index
 
-    def after_block(self, block: torch.nn.Module, layer: int, span: OpenSpan) -> None:
+    def after_block(self, block: torch.nn.Module, layer: int, span: OpenSpan, block_input: torch.Tensor,
+                    block_output: torch.Tensor) -> None:
         if self.block_cache is not None:
             self.block_cache.after_block(block, layer, span, self.memory(span.start))
+        if self.context is not None and span.start in self._span_end and self.state.remembers(self.state.current.branch):
+            self.context.after_block(layer, block_input, block_output, last=layer == self._span_end[span.start])
 
     def reuses_forward(self) -> bool:
         return self.reusing and all(self.memory(span.start).residual is not None for span in self.spans)

@@ -203,8 +203,20 @@ class Adapter:
         raise NotImplementedError
 
     def recovery_processor(self, original: Any, pruner: Any, layer: int) -> Any:
-        """An attention processor doing Attention Recovery for LIP while `pruner` prunes, and
+        """An attention processor giving the kept queries the method's extra keys while `pruner`
+        prunes (LIP's Attention Recovery; with `supports_full_context`, TAPE's pruned tokens), and
         what `original` does otherwise."""
+        raise NotImplementedError
+
+    #: whether TapeConfig(context="full") is implemented: recovery_processor takes the pruned
+    #: tokens' keys from the pruner's FullContext, and context_key_value computes them
+    supports_full_context: bool = False
+
+    def context_key_value(self, block: torch.nn.Module, inputs: dict[str, Any], hidden_states: torch.Tensor,
+                          index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's self-attention key and value (batch, tokens, heads, head_dim), before RoPE,
+        of tokens `index` (batch or 1, tokens) whose block input is `hidden_states`, with the
+        modulation of the block's full-length `inputs`, as the block computes them."""
         raise NotImplementedError
 
     def block_flops(self, transformer: torch.nn.Module, tokens: int, context_tokens: int, keys: int | None = None) -> float:
@@ -245,8 +257,8 @@ def cross_attention_block_flops(dim: int, ffn_dim: int, tokens: int, context_tok
 
 
 class WrappedProcessor:
-    """Base of the attention processors LIP installs: what `original` does whenever LIP is not
-    pruning, so the settings diffusers puts on every processor (enable_parallelism,
+    """Base of the attention processors LIP (and TAPE's full context) install: what `original`
+    does whenever the method is not pruning, so the settings diffusers puts on every processor (enable_parallelism,
     set_attention_backend) belong to the original (reading one the original lacks fails as on it)."""
 
     def __init__(self, original: Any, pruner: Any, layer: int) -> None:
@@ -276,7 +288,6 @@ class WrappedProcessor:
         state.recording.append((key[:, kept], value[:, kept]))
 
     def pruning(self) -> bool:
-        """Whether this call computes recovered attention (LIP prunes) or records the clean
-        pass's keys and values; else the original processor runs."""
-        state = self.pruner.state
-        return state.recording is not None or (state.current is not None and state.current.active)
+        """Whether this call takes the method's keys (LIP's recovered attention, TAPE's full
+        context) or records LIP's clean pass; else the original processor runs."""
+        return self.pruner.extends_attention()

@@ -82,20 +82,31 @@ def _heads(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(2, (attn.heads, -1))
 
 
+def _key_value(attn: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention key and value (batch, tokens, heads, head_dim), before RoPE."""
+    return _heads(attn, attn.norm_k(_projection(attn, hidden_states, 1))), _heads(attn, _projection(attn, hidden_states, 2))
+
+
+def _query_key_value(attn: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Self-attention query, key and value (batch, tokens, heads, head_dim), before RoPE."""
+    return (_heads(attn, attn.norm_q(_projection(attn, hidden_states, 0))), *_key_value(attn, hidden_states))
+
+
 class WanRecoveryProcessor(WrappedProcessor):
-    """Wan self-attention with LIP's Attention Recovery: queries of the kept tokens attend to
-    the kept keys plus duplicates of their references' keys at the pruned positions. Does what
-    the original processor does whenever LIP is not pruning, and records the kept tokens' keys
-    and values during LIP's clean pass."""
+    """Wan self-attention whose kept queries take a method's extra keys: LIP's Attention Recovery
+    (the kept keys plus duplicates of their references' keys at the pruned positions; records
+    the kept tokens' keys and values during LIP's clean pass) or TAPE's full context (every
+    pruned token's own key and value, context.py). Does what the original processor does
+    whenever the method is not pruning."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if not self.pruning():
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        if self.pruner.context is not None:
+            return self._full_context(attn, hidden_states, rotary_emb)
         state = self.pruner.state
         current, recording = state.current, state.recording is not None
-        query = _heads(attn, attn.norm_q(_projection(attn, hidden_states, 0)))
-        key = _heads(attn, attn.norm_k(_projection(attn, hidden_states, 1)))
-        value = _heads(attn, _projection(attn, hidden_states, 2))
+        query, key, value = _query_key_value(attn, hidden_states)
         # Under context parallelism this rank holds one chunk of the tokens: the kept tokens'
         # keys and values of all ranks are gathered (in rank order they are the kept tokens in
         # order), and this rank's queries attend to all of them here, outside diffusers'
@@ -115,14 +126,37 @@ class WanRecoveryProcessor(WrappedProcessor):
             span.key_rope = (gather_tokens(cos, positions), gather_tokens(sin, positions))
         key_cos, key_sin = span.key_rope
         clean_key, clean_value = self.pruner.clean_keys_values(self.layer)
-        backend = self._attention_backend
         output = recovered_attention(
             query, key, value, keys,
             rotate_query=lambda q: apply_rope(q, *rotary_emb, exact=True),
             rotate_key=lambda k: apply_rope(k, key_cos, key_sin, exact=True),
-            attend=lambda q, k, v: dispatch_attention_fn(q, k, v, dropout_p=0.0, is_causal=False, backend=backend),
-            duplicate_key=clean_key, duplicate_value=clean_value,
+            attend=self._attend, duplicate_key=clean_key, duplicate_value=clean_value,
         )
+        return self._out(attn, output, query)
+
+    def _full_context(self, attn, hidden_states, rotary_emb):
+        """TAPE's full context: the kept queries over the kept keys and the pruned tokens' keys."""
+        context = self.pruner.context
+        pruned = context.pruned()
+        if pruned is None and context.keys != "remembered":  # every token computed: nothing to add or keep
+            return self.original(attn, hidden_states, None, None, rotary_emb)
+        query, key, value = _query_key_value(attn, hidden_states)
+        context.remember_keys_values(self.layer, key, value)
+        query, key = apply_rope(query, *rotary_emb, exact=True), apply_rope(key, *rotary_emb, exact=True)
+        if pruned is not None:
+            if pruned.rope is None:  # tables at the pruned positions, once per span
+                tables = self.pruner.state.current.span.inputs["rotary_emb"]
+                pruned.rope = tuple(gather_tokens(table, pruned.index) for table in tables)
+            pruned_key, pruned_value = context.keys_values(self.layer)
+            key = torch.cat([key, apply_rope(pruned_key, *pruned.rope, exact=True)], dim=1)
+            value = torch.cat([value, pruned_value.to(value.dtype)], dim=1)
+        return self._out(attn, self._attend(query, key, value), query)
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return dispatch_attention_fn(query, key, value, dropout_p=0.0, is_causal=False, backend=self._attention_backend)
+
+    @staticmethod
+    def _out(attn, output: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         output = output.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](output))
 
@@ -198,6 +232,22 @@ class WanAdapter(Adapter):
 
     def recovery_processor(self, original: Any, pruner: Any, layer: int) -> Any:
         return WanRecoveryProcessor(original, pruner, layer)
+
+    supports_full_context = True
+
+    def context_key_value(self, block: torch.nn.Module, inputs: dict[str, Any], hidden_states: torch.Tensor,
+                          index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # As WanTransformerBlock.forward: the first two modulation vectors shift and scale the
+        # norm1 of the block input, in float32.
+        temb = inputs["temb"]
+        if temb.ndim == 4:  # Wan2.2 TI2V: per-token modulation (batch, tokens, 6, dim)
+            modulation = block.scale_shift_table.unsqueeze(0) + gather_tokens(temb, index).float()
+            shift, scale = modulation[:, :, 0], modulation[:, :, 1]
+        else:  # (batch, 6, dim)
+            modulation = block.scale_shift_table + temb.float()
+            shift, scale = modulation[:, 0:1], modulation[:, 1:2]
+        x = (block.norm1(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
+        return _key_value(block.attn1, x)
 
     def gather_block_inputs(self, inputs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
         cos, sin = inputs["rotary_emb"]

@@ -130,6 +130,8 @@ class WanVACEAdapter(WanAdapter):
     text_to_video_pipelines = ()  # from Python: the CLI's generate does not pass control videos
     supports_lip = False
     supports_block_cache = False
+    # A pruned token's replayed state would miss the hints the control blocks add between blocks.
+    supports_full_context = False
     supports_context_parallel = False
     runs_every_bench_method = False
     benchmark_shapes = WAN_VACE_SHAPES
