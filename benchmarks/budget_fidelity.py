@@ -37,7 +37,7 @@ from vidprune.calibrate import calibrate, pipeline_search
 from vidprune.cli_calibrate import demo_calibration_prompts
 from vidprune.demo.pipeline import DEFAULT_CALL
 
-from tape_fidelity import demo_pipeline_and_embeds, summarise
+from tape_fidelity import demo_pipeline_and_embeds, embeds_generator, summarise
 
 TARGETS = (0.7, 0.5, 0.35, 0.25)
 CALIBRATION_PROMPTS = 8
@@ -128,10 +128,7 @@ def main() -> None:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def generate(batch: list[int], seed: int, output_type: str = "np"):
-        generators = [torch.Generator(device).manual_seed(seed * 10_000 + i) for i in batch]
-        return pipe(prompt_embeds=positive[batch], negative_prompt_embeds=negative.expand(len(batch), -1, -1),
-                    generator=generators, **{**call, "output_type": output_type}).frames
+    generate = embeds_generator(pipe, positive, negative, call, device)
 
     info = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
             "torch": torch.__version__, "model": "vidprune's demo model (a small test bed, not a product model)",

@@ -33,7 +33,7 @@ from vidprune.cli_calibrate import demo_calibration_prompts
 from vidprune.demo.pipeline import DEFAULT_CALL
 
 from budget_fidelity import mixed_keeps
-from tape_fidelity import demo_pipeline_and_embeds, summarise
+from tape_fidelity import demo_pipeline_and_embeds, embeds_generator, summarise
 
 CONTEXTS = {"kept": {}, "full-replayed": dict(context="full"),
             "full-remembered": dict(context="full", context_keys="remembered"),
@@ -44,11 +44,11 @@ TARGETS = (0.7, 0.5, 0.35)
 
 def methods(steps: int) -> dict[str, vidprune.TapeConfig]:
     table = {}
+    keeps = {"kept": (0.7, 0.5, 0.3), "full-replayed": (0.7, 0.5, 0.3), "full-remembered": (0.7, 0.5, 0.3),
+             "full-block": (0.5,), "full-replayed-f8": (0.5, 0.3)}
     for keep in (0.7, 0.5, 0.3):
         for context, fields in CONTEXTS.items():
-            if context != "full-block" or keep == 0.5:
-                if context == "full-replayed-f8" and keep == 0.7:
-                    continue
+            if keep in keeps[context]:
                 table[f"even:{keep} {context}"] = vidprune.TapeConfig(keep=keep, budget="even", **fields)
     for keep in (0.5, 0.3):
         for context in ("kept", "full-replayed"):
@@ -88,10 +88,7 @@ def main() -> None:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def generate(batch: list[int], seed: int, output_type: str = "np"):
-        generators = [torch.Generator(device).manual_seed(seed * 10_000 + i) for i in batch]
-        return pipe(prompt_embeds=positive[batch], negative_prompt_embeds=negative.expand(len(batch), -1, -1),
-                    generator=generators, **{**call, "output_type": output_type}).frames
+    generate = embeds_generator(pipe, positive, negative, call, device)
 
     def run_all() -> tuple[dict, list[float]]:
         videos, times = {}, []
@@ -123,7 +120,8 @@ def main() -> None:
     def evaluate(name: str, config: vidprune.TapeConfig) -> None:
         vidprune.apply(pipe, config)
         try:
-            generate(evaluated, 0)  # warm-up of this method
+            if device.startswith("cuda"):
+                generate(evaluated, 0)  # warm-up of this method (for its timing)
             videos, times = run_all()
             stats = vidprune.stats(pipe)
         finally:

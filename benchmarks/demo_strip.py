@@ -1,7 +1,7 @@
 """A PNG strip for the README: for a few held-out prompts, frames 0, 8 and 16 of the demo
 model's unpruned video, TAPE as `make demo` runs it (the demo model's calibrated profile nearest
 keep 0.5), the cycle rule at keep 0.5 (the default for other models), token steps at keep 0.5
-(budget="even") and the paper preset at 0.5.
+(budget="even") with kept-only and with full context, and the paper preset at 0.5.
 
     python benchmarks/demo_strip.py --out benchmarks/results/demo_strip.png
 """
@@ -25,6 +25,7 @@ CONFIGS = {
     "TAPE, the demo's profile (cost 0.5)": vidprune.TapeConfig(budget=demo_profile(0.5, DEFAULT_CALL["num_inference_steps"])),
     "TAPE cycle, keep 0.5": vidprune.TapeConfig(keep=0.5),
     "TAPE token steps, keep 0.5": vidprune.TapeConfig(keep=0.5, budget="even"),
+    "TAPE token steps, keep 0.5, full context": vidprune.TapeConfig(keep=0.5, budget="even", context="full"),
     "TAPE paper preset, keep 0.5": vidprune.TapeConfig.paper(0.5),
 }
 

@@ -194,6 +194,17 @@ def demo_pipeline_and_embeds(prompts: list[str], path: Path | None, device: str)
     return pipe, (saved["prompt_embeds"].to(device), saved["negative_prompt_embeds"].to(device))
 
 
+def embeds_generator(pipe, positive: torch.Tensor, negative: torch.Tensor, call: dict, device: str):
+    """generate(batch, seed, output_type="np"): the videos of prompt embeddings `batch` (indices
+    into `positive`), each video's generator seeded by the seed and its index, as the demo
+    fidelity benchmarks compare them."""
+    def generate(batch: list[int], seed: int, output_type: str = "np"):
+        generators = [torch.Generator(device).manual_seed(seed * 10_000 + i) for i in batch]
+        return pipe(prompt_embeds=positive[batch], negative_prompt_embeds=negative.expand(len(batch), -1, -1),
+                    generator=generators, **{**call, "output_type": output_type}).frames
+    return generate
+
+
 def summarise(name, config, cache, mode, videos, references, reference_s, times, stats) -> dict:
     per_video = []
     for key, video in videos.items():

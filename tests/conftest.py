@@ -151,3 +151,22 @@ def record_block_calls(blocks) -> tuple[dict, list]:
             lambda m, a, kw, i=i: calls.__setitem__(i, [bind_arguments(type(m).forward, a, kw)]), with_kwargs=True))
         handles.append(block.register_forward_hook(lambda m, a, out, i=i: calls[i].append(out)))
     return calls, handles
+
+
+def forward_after_dense(pipe, config, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Two transformer forwards on the same `inputs` in one call of `pipe` patched with
+    `config`, as branch 0 at the config's token-step keep (no steps, no CFG partners): the
+    first computes every token and fills the memory, the second prunes with it. Returns (the
+    dense output, the pruned output, the forwards' records); `pipe` is left unpatched."""
+    from vidprune.patch import _STATE_ATTRIBUTE
+    from vidprune.runtime import pruner_of
+
+    vidprune.apply(pipe, config)
+    try:
+        with torch.no_grad(), getattr(pipe, _STATE_ATTRIBUTE).call(pipe):
+            state = pruner_of(pipe.transformer).state
+            state.pipeline = state.scheduler = None
+            dense, pruned = (pipe.transformer(**inputs)[0] for _ in range(2))
+            return dense, pruned, state.stats.forwards
+    finally:
+        vidprune.remove(pipe)

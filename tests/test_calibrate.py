@@ -91,3 +91,29 @@ def test_neighbours_of_keeps_below_every_level_measure_them_as_the_cheapest_leve
     keeps = [1.0, 0.125, 0.125, 0.5]
     moved = neighbours(keeps, (0.5, 0.25), sensitivity, cost, sum(cost(k) for k in keeps) / 4)
     assert all(m[0] == 1.0 for m in moved)
+
+
+def test_a_full_context_search_costs_every_key_records_its_context_and_refuses_a_mismatch(clean, tmp_path):
+    pipe = clean["t2v"]
+    steps = 4
+
+    def call():
+        return pipe(**pipeline_inputs("t2v", num_inference_steps=steps)).frames
+
+    costs = {}
+    for context in ("kept", "full"):
+        config = vidprune.TapeConfig(budget="even", context=context, **SMALL_SPANS)
+        search, sigmas = pipeline_search(pipe, call, steps, config)
+        costs[context] = search.cost(0.5)
+        if context == "full":
+            profiles = calibrate(search, config, sigmas, targets=(0.7,), levels=(0.5,), moves=1)
+    assert costs["kept"] < costs["full"] < 1.0  # a token step's queries see every key: dearer, still cheaper than dense
+    found = profiles[0]  # a profile without token steps (the cycle rule can win) runs with any context: "kept"
+    assert found.context == ("full" if any(0.0 < keep < 1.0 for keep in found.keeps) else "kept")
+    profile = BudgetProfile(keeps=(1.0, 0.5, 0.0, 0.5), context="full")
+    path = tmp_path / "full.json"
+    profile.save(path)
+    assert BudgetProfile.load(path).context == "full"
+    vidprune.TapeConfig(budget=str(path), context="full")
+    with pytest.raises(ValueError, match="'full', the context this budget profile's token steps were calibrated with"):
+        vidprune.TapeConfig(budget=str(path))

@@ -9,11 +9,10 @@ import torch
 import vidprune
 from vidprune.adapters import adapter_for
 from vidprune.context import FullContext, TokenRows, pruned_index, store_rows
-from vidprune.patch import _STATE_ATTRIBUTE
 from vidprune.refresh import SpanMemory, memory_estimate
-from vidprune.runtime import OpenSpan, Span, bind_arguments, pruner_of
+from vidprune.runtime import OpenSpan, bind_arguments
 
-from conftest import SMALL_SPANS, run, transformer_inputs
+from conftest import SMALL_SPANS, forward_after_dense, run, transformer_inputs
 
 FULL = dict(budget="even", keep=0.5, dense_first=0.34, context="full", **SMALL_SPANS)  # spans 1-2, 3-4, 5
 KEY_SOURCES = [dict(context_keys="replayed"), dict(context_keys="remembered"), dict(cache="block"),
@@ -91,30 +90,22 @@ def test_replayed_states_move_by_each_blocks_remembered_residual():
 
 
 # -- through the pipeline -----------------------------------------------------------------------
-@pytest.mark.parametrize("source", KEY_SOURCES[:3], ids=lambda s: next(iter(s.values())))
+@pytest.mark.parametrize("source", KEY_SOURCES, ids=lambda s: "-".join(s.values()))
 def test_with_exact_remembered_states_the_pruned_forward_equals_the_dense_one(clean, source):
-    """Two forwards on the same inputs in one call: the first computes every token and fills the
-    memory, the second prunes. Every remembered state is then exact, so with full context the
-    pruned forward gives the dense output (1e-5, float32); with kept-only attention it does not."""
+    """With the memory filled from the same inputs every remembered state is exact, so with full
+    context the pruned forward gives the dense output (1e-5, float32; float8 storage within its
+    precision); with kept-only attention it does not."""
     pipe = clean["t2v"]
     inputs = transformer_inputs(frames=3, height=8, width=8)
     inputs["encoder_hidden_states"] = torch.randn(1, 7, pipe.transformer.config.text_dim)
     inputs["hidden_states"] = torch.randn(1, 16, 3, 8, 8)
-    outputs = {}
-    for context in ("full", "kept"):
-        vidprune.apply(pipe, vidprune.TapeConfig(**{**FULL, "context": context, **source}))
-        with torch.no_grad(), getattr(pipe, _STATE_ATTRIBUTE).call(pipe):
-            state = pruner_of(pipe.transformer).state
-            # No steps, no CFG partners: every forward is branch 0 at the config's token-step keep,
-            # and the first fills the memory the second prunes with.
-            state.pipeline = state.scheduler = None
-            dense = pipe.transformer(**inputs)[0]
-            outputs[context] = pipe.transformer(**inputs)[0]
-            assert [f.keep for f in state.stats.forwards] == [1.0, 0.5]
-            assert [s.tokens for s in state.stats.forwards[1].spans] == [24, 24, 24]  # of 48
-        vidprune.remove(pipe)
-    torch.testing.assert_close(outputs["full"], dense, rtol=0, atol=1e-5)
-    assert (outputs["kept"] - dense).abs().max() > 1e-3  # the pruned tokens' keys matter
+    dense, full, records = forward_after_dense(pipe, vidprune.TapeConfig(**FULL, **source), inputs)
+    assert [f.keep for f in records] == [1.0, 0.5]
+    assert [s.tokens for s in records[1].spans] == [24, 24, 24]  # of 48
+    _, kept, _ = forward_after_dense(pipe, vidprune.TapeConfig(**{**FULL, "context": "kept", **source}), inputs)
+    tolerance = 1e-2 if source.get("context_storage") == "float8" else 1e-5
+    torch.testing.assert_close(full, dense, rtol=0, atol=tolerance)
+    assert (kept - dense).abs().max() > 10 * tolerance  # the pruned tokens' keys matter
 
 
 @pytest.mark.parametrize("source", KEY_SOURCES, ids=lambda s: "-".join(s.values()))

@@ -15,7 +15,7 @@ from vidprune.adapters import adapter_for
 from vidprune.importance import sample_queries
 from vidprune.runtime import bind_arguments
 
-from conftest import SMALL_SPANS, assert_exact_and_pruning, replay_matches_block
+from conftest import SMALL_SPANS, assert_exact_and_pruning, forward_after_dense, replay_matches_block
 
 FRAMES, HEIGHT, WIDTH = 3, 8, 8  # token grid of the calls below: 192 tokens, 64 per frame
 TEXT = 7
@@ -214,3 +214,27 @@ def test_a_call_without_the_grid_is_refused():
     with pytest.raises(ValueError, match="192 tokens in hidden_states"):
         model(**{**ltx_inputs(), "num_frames": 2})
     vidprune.remove(model)
+
+
+@pytest.mark.parametrize("keys", ["replayed", "remembered"])
+def test_full_context_with_exact_remembered_states_gives_the_dense_forward(pipe, keys):
+    """As for Wan (test_full_context.py): LTX's processor takes the pruned tokens' keys, with its
+    RoPE (before the heads split) at their positions and their own modulation."""
+    inputs = ltx_inputs(batch=2)
+    full = vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.34, context="full", context_keys=keys,
+                               **SMALL_SPANS)
+    dense, pruned, records = forward_after_dense(pipe, full, inputs)
+    assert records[1].keep == 0.5 and records[1].spans[0].keys == FRAMES * HEIGHT * WIDTH
+    torch.testing.assert_close(pruned, dense, rtol=0, atol=1e-5)
+    _, kept, _ = forward_after_dense(pipe, full.with_(context="kept"), inputs)
+    assert (kept - dense).abs().max() > 1e-3
+
+
+def test_full_context_keep_one_and_remove_bit_identical(pipe):
+    reference = generate(pipe)
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=1.0, context="full", **SMALL_SPANS))
+    assert torch.equal(generate(pipe), reference)
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, context="full", **SMALL_SPANS))
+    assert not torch.equal(generate(pipe), reference)
+    vidprune.remove(pipe)
+    assert torch.equal(generate(pipe), reference)

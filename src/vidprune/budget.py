@@ -43,8 +43,9 @@ class BudgetProfile:
     """A per-step budget made for one model and step count (`vidprune calibrate` writes them).
 
     keeps: the keep of every step, in [0, 1]. cost: its mean share of the block FLOPs of a
-    dense call, as estimated from the model's block FLOPs. calibration: how it was made (method,
-    prompts, errors, time), for the reader. A profile is tied to its step count: a call with
+    dense call, as estimated from the model's block FLOPs. context: the TapeConfig.context its
+    token steps were calibrated with (a config using the profile must run them with it).
+    calibration: how it was made (method, prompts, errors, time), for the reader. A profile is tied to its step count: a call with
     another count is refused, naming the command that makes one for it (no interpolation: a
     reuse step's value depends on where its neighbours are)."""
 
@@ -55,6 +56,7 @@ class BudgetProfile:
     guidance_scale: float | None = None
     cost: float | None = None
     target_cost: float | None = None
+    context: str = "kept"
     calibration: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -85,7 +87,7 @@ class BudgetProfile:
         if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT or "keeps" not in data:
             raise ValueError(f"{str(path)!r} is not a vidprune budget profile (JSON with format {PROFILE_FORMAT!r} "
                              "and keeps), as `vidprune calibrate` writes")
-        names = ("family", "model", "scheduler", "guidance_scale", "cost", "target_cost", "calibration")
+        names = ("family", "model", "scheduler", "guidance_scale", "cost", "target_cost", "context", "calibration")
         return cls(keeps=tuple(data["keeps"]), **{name: data[name] for name in names if name in data})
 
 

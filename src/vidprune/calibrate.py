@@ -91,7 +91,9 @@ def rule_at_cost(config: TapeConfig, rule: str, sigmas: Sequence[float], search:
     """The keeps of a budget rule at the largest mean keep whose cost is at most `target`."""
     def keeps_at(keep: float) -> list[float] | None:
         try:
-            return plan_keeps(config.with_(budget=rule, keep=keep, min_keep=min(config.min_keep, keep)), sigmas)
+            # (the plan does not depend on the context; a rule without token steps takes "kept")
+            rule_config = config.with_(budget=rule, keep=keep, min_keep=min(config.min_keep, keep), context="kept")
+            return plan_keeps(rule_config, sigmas)
         except ValueError:  # a keep the rule cannot meet with this many steps
             return None
 
@@ -192,8 +194,10 @@ def calibrate(search: Search, config: TapeConfig, sigmas: Sequence[float], targe
     profiles = []
     for target in targets:
         keeps, error, starts = search_budget(search, config, sigmas, target, levels, sensitivity, moves)
+        token_steps = any(0.0 < keep < 1.0 for keep in keeps)
         profiles.append(BudgetProfile(
             keeps=tuple(keeps), cost=search.mean_cost(keeps), target_cost=target, **profile_fields,
+            context=config.context if token_steps else "kept",
             calibration={"method": "sensitivity + knapsack allocation + local search", "levels": list(levels),
                          "error": error, "start_errors": starts, "calls": search.calls,
                          "seconds": time.perf_counter() - started}))

@@ -55,7 +55,8 @@ from .cli_loading import (
     folder_pipeline_class,
     load_pipeline,
 )
-from .config import LipConfig, TapeConfig
+from .budget import BudgetProfile
+from .config import CONTEXT_KINDS, LipConfig, TapeConfig
 from .demo.pipeline import (
     HEIGHT,
     demo_profile,
@@ -82,8 +83,10 @@ def tape_config(method: str, keep: float) -> TapeConfig | None:
 def generate(args: argparse.Namespace) -> None:
     device, dtype = _device(args.device)
     config = tape_config(args.method, args.keep)  # validate the arguments before the model loads
-    if config is not None and args.budget is not None:
-        config = config.with_(budget=args.budget)
+    if config is not None and (args.budget is not None or args.context is not None):
+        config = config.with_(**budget_and_context(args))
+    elif config is None and args.context is not None:
+        raise ValueError("--context applies to pruning methods; --method none computes every token")
     check_output_path(args.output, args.overwrite)
     settings = call_settings(args)
     if args.method == "tape" and args.budget is None:
@@ -296,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "which run no block), even (token steps after the dense start), or a profile file from `vidprune "
                      "calibrate` (its mean keep replaces --keep). Default: with the demo model its calibrated profile "
                      "nearest --keep, else cycle")
+    gen.add_argument("--context", choices=CONTEXT_KINDS, help="what kept tokens attend over in a token step: kept "
+                     "(the kept tokens only, fastest) or full (every token, the pruned ones from their remembered "
+                     "state: closer to the unpruned video; Wan only). Default: a profile's own, else kept")
     gen.add_argument("--frames", type=FRAMES, default=NUM_FRAMES, help="video frames (4k+1; LTX: 8k+1)")
     gen.add_argument("--height", type=SIZE, default=HEIGHT, help=f"the demo model is trained at {WIDTH}x{HEIGHT}")
     gen.add_argument("--width", type=SIZE, default=WIDTH)
@@ -363,9 +369,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def budget_and_context(args: argparse.Namespace) -> dict:
+    """TapeConfig fields from --budget and --context: without --context, a profile's own context
+    (the one its token steps were calibrated with); with --context full and no --budget, the even
+    rule (full context changes token steps, and the default rule has none)."""
+    fields = {} if args.budget is None else {"budget": args.budget}
+    if args.context is not None:
+        fields["context"] = args.context
+        if args.context == "full" and args.budget is None:
+            fields["budget"] = "even"
+    elif args.budget is not None and args.budget.endswith(".json"):
+        fields["context"] = BudgetProfile.load(args.budget).context
+    return fields
+
+
 def default_budget(config: TapeConfig, args: argparse.Namespace, steps: int) -> TapeConfig:
     """--method tape without --budget: the demo model's calibrated profile nearest --keep for
     its step count; else the default rule, saying how to calibrate the model's own."""
+    if config.context == "full":
+        print(f"budget: the even rule (full context changes token steps); `vidprune calibrate --context full` finds "
+              f"this model's own budget for {steps} steps")
+        return config
     profile = demo_profile(args.keep, steps) if args.model is None else None
     if profile is not None:
         print(f"budget: the demo model's profile calibrated for {steps} steps at cost {profile.target_cost} (the "

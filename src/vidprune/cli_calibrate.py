@@ -14,7 +14,7 @@ import torch
 from .calibrate import DEFAULT_LEVELS, DEFAULT_TARGETS, calibrate, check_search, pipeline_search
 from .cli_arguments import FRAMES, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, SIZE, device_name, model_name
 from .cli_loading import _device, _is_demo_folder, call_settings, load_pipeline
-from .config import TapeConfig
+from .config import CONTEXT_KINDS, TapeConfig
 from .demo.pipeline import HEIGHT, NUM_FRAMES, WIDTH
 
 DEMO_CALIBRATION_PROMPTS = 8
@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> None:
                                generator=torch.Generator(device).manual_seed(args.seed + i), output_type="latent",
                                **settings).frames for i, prompt in enumerate(prompts)])
 
-    config = TapeConfig()
+    # full context: the token steps searched run with it (the default rule has none: "even" stands in)
+    config = TapeConfig() if args.context == "kept" else TapeConfig(budget="even", context=args.context)
     print(f"calibrating {name}: {len(prompts)} prompts, {steps} steps, target costs {list(args.targets)}, "
           f"levels {list(args.levels)} (about {(steps - 1) * len(args.levels) + 4 * len(args.targets) + 2} calls and "
           f"up to {args.moves} more per target)", flush=True)
@@ -100,6 +101,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--levels", type=float, nargs="+", default=list(DEFAULT_LEVELS),
                         help="a step's cheaper choices besides dense: 0 a reuse step, else a token step's keep "
                              "(default: %(default)s)")
+    parser.add_argument("--context", choices=CONTEXT_KINDS, default="kept", help="what kept tokens attend over in the "
+                        "token steps searched: kept (default) or full (every token; Wan only); the profiles record it")
     parser.add_argument("--moves", type=int, default=8, help="measured local-search moves per target (default 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", type=device_name, help="cpu, cuda, cuda:N or mps (default: cuda when available)")

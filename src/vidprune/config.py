@@ -167,6 +167,10 @@ class TapeConfig:
         if self.context == "full" and self.cache == "none":
             fail("cache", self.cache, "'span' or 'block' with context='full' (a pruned token's key and value come from "
                  "its remembered state)")
+        profile = self.budget if isinstance(self.budget, BudgetProfile) else None
+        if profile is not None and self.token_steps and profile.context != self.context:
+            fail("context", self.context, f"{profile.context!r}, the context this budget profile's token steps were "
+                 "calibrated with")
         if self.context == "full" and not self.token_steps:
             fail("context", self.context, "'kept' with a budget without token steps (full context changes token steps "
                  "only: give budget='even', or a list or profile with keeps between 0 and 1)")

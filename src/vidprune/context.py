@@ -28,7 +28,7 @@ and values. Pure helpers first.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -180,3 +180,26 @@ class FullContext:
         adapter, transformer = self.pruner.adapter, self.pruner.transformer
         block = adapter.blocks(transformer)[layer]
         return adapter.context_key_value(block, span.inputs, pruned.states, pruned.index)
+
+
+def full_context_attention(context: FullContext, layer: int, query: torch.Tensor, key: torch.Tensor,
+                           value: torch.Tensor, rotate: Callable[[torch.Tensor, Any], torch.Tensor], tables: Any,
+                           tables_at: Callable[[torch.Tensor], Any],
+                           attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The computed tokens' self-attention over their own keys and the pruned tokens' (the
+    attention processors of the families with full context call it).
+
+    query, key, value: (batch, computed, heads, head_dim) before RoPE; rotate(x, tables) applies
+    the family's RoPE with `tables` (the computed tokens') or tables_at(index) (the tables at
+    positions `index`, made once per span); attend(q, k, v) is the attention kernel. A forward
+    that computes every token remembers its keys ("remembered") and attends over them alone."""
+    context.remember_keys_values(layer, key, value)
+    query, key = rotate(query, tables), rotate(key, tables)
+    pruned = context.pruned()
+    if pruned is not None:
+        if pruned.rope is None:
+            pruned.rope = tables_at(pruned.index)
+        pruned_key, pruned_value = context.keys_values(layer)
+        key = torch.cat([key, rotate(pruned_key, pruned.rope)], dim=1)
+        value = torch.cat([value, pruned_value.to(value.dtype)], dim=1)
+    return attend(query, key, value)

@@ -28,6 +28,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTran
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
+from ..context import full_context_attention
 from ..recovery import recovered_attention
 from ..tokens import TokenGrid, gather_tokens, patches, unpatch
 from .base import Adapter, BenchmarkShape, WrappedProcessor, cross_attention_block_flops, random_text
@@ -61,22 +62,41 @@ def _rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch
     return apply_rotary_emb(x.flatten(2), tables).unflatten(2, x.shape[2:])
 
 
+def _key_value(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention key and value (batch, tokens, heads, head_dim), before RoPE: k is
+    RMS-normalised across all heads, per token, as the model does."""
+    return attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1)), attn.to_v(x).unflatten(2, (attn.heads, -1))
+
+
 class LTXRecoveryProcessor(WrappedProcessor):
-    """LTX self-attention (attn1) with LIP's Attention Recovery: the kept queries attend to the
-    kept keys plus duplicates of their references' keys at the pruned positions (normalised,
-    pre-RoPE key and value, rotated at the pruned token's position). Records the kept tokens'
-    keys and values in LIP's clean pass."""
+    """LTX self-attention (attn1) whose kept queries take a method's extra keys: LIP's Attention
+    Recovery (the kept keys plus duplicates of their references' keys at the pruned positions:
+    normalised, pre-RoPE key and value, rotated at the pruned token's position; records the kept
+    tokens' keys and values in LIP's clean pass) or TAPE's full context (context.py)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if not self.pruning():
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         if encoder_hidden_states is not None or attention_mask is not None or image_rotary_emb is None:
-            raise ValueError("LIP's Attention Recovery on LTX runs in the blocks' self-attention (attn1: RoPE, no "
-                             "mask, no context); use LipConfig(recovery=False) for other calls")
+            raise ValueError("vidprune's attention on LTX runs in the blocks' self-attention (attn1: RoPE, no mask, no "
+                             "context); use LipConfig(recovery=False) or TapeConfig(context='kept') for other calls")
         state = self.pruner.state
-        # q and k are RMS-normalised across all heads, per token: as the model, before RoPE.
-        query, key = attn.norm_q(attn.to_q(hidden_states)), attn.norm_k(attn.to_k(hidden_states))
-        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, attn.to_v(hidden_states)))
+        context = self.pruner.context
+        if context is not None and context.pruned() is None and context.keys != "remembered":
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        key, value = _key_value(attn, hidden_states)
+        backend = self._attention_backend
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return dispatch_attention_fn(q, k, v, dropout_p=0.0, is_causal=False, backend=backend)
+
+        if context is not None:  # TAPE's full context
+            tables = state.current.span.inputs["image_rotary_emb"]
+            output = full_context_attention(
+                context, self.layer, query, key, value, rotate=_rotate, tables=image_rotary_emb,
+                tables_at=lambda index: tuple(gather_tokens(table, index) for table in tables), attend=attend)
+            return attn.to_out[1](attn.to_out[0](output.flatten(2, 3).to(query.dtype)))
         if state.recording is not None:  # clean pass over all tokens: keep the kept tokens' keys and values
             self.record_clean(key, value)
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
@@ -86,12 +106,10 @@ class LTXRecoveryProcessor(WrappedProcessor):
             positions = keys.positions.unsqueeze(0)
             span.key_rope = tuple(gather_tokens(table, positions) for table in span.inputs["image_rotary_emb"])
         clean_key, clean_value = self.pruner.clean_keys_values(self.layer)
-        backend = self._attention_backend
         output = recovered_attention(
             query, key, value, keys,
             rotate_query=lambda q: _rotate(q, image_rotary_emb), rotate_key=lambda k: _rotate(k, span.key_rope),
-            attend=lambda q, k, v: dispatch_attention_fn(q, k, v, dropout_p=0.0, is_causal=False, backend=backend),
-            duplicate_key=clean_key, duplicate_value=clean_value,
+            attend=attend, duplicate_key=clean_key, duplicate_value=clean_value,
         )
         return attn.to_out[1](attn.to_out[0](output.flatten(2, 3).to(query.dtype)))
 
@@ -170,6 +188,17 @@ class LTXAdapter(Adapter):
 
     def recovery_processor(self, original: Any, pruner: Any, layer: int) -> Any:
         return LTXRecoveryProcessor(original, pruner, layer)
+
+    supports_full_context = True
+
+    def context_key_value(self, block: torch.nn.Module, inputs: dict[str, Any], hidden_states: torch.Tensor,
+                          index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # As LTXVideoTransformerBlock.forward: norm1, then the self-attention shift and scale.
+        temb = inputs["temb"]
+        if temb.shape[1] != 1:  # per-token timesteps
+            temb = gather_tokens(temb, index)
+        shift, scale = _modulation(block, temb, hidden_states.shape[0])[:2]
+        return _key_value(block.attn1, block.norm1(hidden_states) * (1 + scale) + shift)
 
     def branch_modules(self, block: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
         return block.attn1, block.attn2, block.ff

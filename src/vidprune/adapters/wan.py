@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
+from ..context import full_context_attention
 from ..recovery import recovered_attention
 from ..tokens import gather_tokens
 from .base import Adapter, BenchmarkShape, WrappedProcessor, cross_attention_block_flops
@@ -137,20 +138,15 @@ class WanRecoveryProcessor(WrappedProcessor):
     def _full_context(self, attn, hidden_states, rotary_emb):
         """TAPE's full context: the kept queries over the kept keys and the pruned tokens' keys."""
         context = self.pruner.context
-        pruned = context.pruned()
-        if pruned is None and context.keys != "remembered":  # every token computed: nothing to add or keep
+        if context.pruned() is None and context.keys != "remembered":  # every token computed: nothing to add or keep
             return self.original(attn, hidden_states, None, None, rotary_emb)
         query, key, value = _query_key_value(attn, hidden_states)
-        context.remember_keys_values(self.layer, key, value)
-        query, key = apply_rope(query, *rotary_emb, exact=True), apply_rope(key, *rotary_emb, exact=True)
-        if pruned is not None:
-            if pruned.rope is None:  # tables at the pruned positions, once per span
-                tables = self.pruner.state.current.span.inputs["rotary_emb"]
-                pruned.rope = tuple(gather_tokens(table, pruned.index) for table in tables)
-            pruned_key, pruned_value = context.keys_values(self.layer)
-            key = torch.cat([key, apply_rope(pruned_key, *pruned.rope, exact=True)], dim=1)
-            value = torch.cat([value, pruned_value.to(value.dtype)], dim=1)
-        return self._out(attn, self._attend(query, key, value), query)
+        tables = self.pruner.state.current.span.inputs["rotary_emb"]
+        output = full_context_attention(
+            context, self.layer, query, key, value, rotate=lambda x, rope: apply_rope(x, *rope, exact=True),
+            tables=rotary_emb, tables_at=lambda index: tuple(gather_tokens(table, index) for table in tables),
+            attend=self._attend)
+        return self._out(attn, output, query)
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         return dispatch_attention_fn(query, key, value, dropout_p=0.0, is_causal=False, backend=self._attention_backend)
