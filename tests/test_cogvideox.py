@@ -15,7 +15,7 @@ from vidprune.adapters import adapter_for
 from vidprune.importance import sample_queries
 from vidprune.runtime import bind_arguments, pruner_of
 
-from conftest import SMALL_SPANS, assert_exact_and_pruning
+from conftest import SMALL_SPANS, assert_exact_and_pruning, forward_after_dense
 
 FRAMES, HEIGHT, WIDTH = 3, 8, 8  # token grid of the calls below: 192 tokens, 64 per frame
 TOKENS = FRAMES * HEIGHT * WIDTH
@@ -220,3 +220,27 @@ def test_reuse_steps_with_batched_cfg(pipe):
     vidprune.remove(pipe)
     assert [f.keep for f in stats.forwards] == [1.0, 0.0, 1.0]
     assert torch.isfinite(out).all() and not torch.equal(out, reference)
+
+
+@pytest.mark.parametrize("rope", [True, False])
+def test_full_context_with_exact_remembered_states_gives_the_dense_forward(rope):
+    """As for Wan (test_full_context.py): the joint attention's text and kept video queries take
+    the pruned video tokens' keys, with their own RoPE and modulation; kept-only attention differs."""
+    pipeline = tiny_pipeline(rope=rope)
+    inputs = model_inputs(pipeline.transformer)  # one video: with RoPE the samples of a batch share the tokens
+    full = vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.34, context="full", **SMALL_SPANS)
+    dense, pruned, records = forward_after_dense(pipeline, full, inputs)
+    assert records[1].keep == 0.5 and records[1].spans[0].tokens < records[1].spans[0].keys
+    torch.testing.assert_close(pruned, dense, rtol=0, atol=1e-5)
+    _, kept, _ = forward_after_dense(pipeline, full.with_(context="kept"), inputs)
+    assert (kept - dense).abs().max() > 1e-3
+
+
+def test_full_context_keep_one_and_remove_bit_identical(pipe):
+    reference = generate(pipe)
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=1.0, context="full", **SMALL_SPANS))
+    assert torch.equal(generate(pipe), reference)
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, context="full", **SMALL_SPANS))
+    assert not torch.equal(generate(pipe), reference)
+    vidprune.remove(pipe)
+    assert torch.equal(generate(pipe), reference)

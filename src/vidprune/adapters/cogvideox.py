@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
 
+from ..context import full_context_attention
 from ..recovery import recovered_attention
 from ..tokens import TokenGrid, gather_tokens
 from .base import Adapter, BenchmarkShape, WrappedProcessor
@@ -64,40 +65,55 @@ def _rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor] | None) -
     return x if tables is None else apply_rotary_emb(x.transpose(1, 2), tables).transpose(1, 2)
 
 
+def _key_value(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key (per-head LayerNorm, before RoPE) and value (batch, tokens, heads, head_dim)."""
+    key, value = (projection(x).unflatten(2, (attn.heads, -1)) for projection in (attn.to_k, attn.to_v))
+    return (key if attn.norm_k is None else attn.norm_k(key)), value
+
+
 class CogVideoXRecoveryProcessor(WrappedProcessor):
-    """CogVideoX's joint attention with LIP's Attention Recovery: text queries and the kept
-    video queries attend to the text keys, the kept video keys and duplicates of their
-    references' keys at the pruned positions (pre-RoPE key and value, rotated at the pruned
-    token's position). Records the kept tokens' video keys and values in LIP's clean pass."""
+    """CogVideoX's joint attention whose text queries and kept video queries take a method's
+    extra keys besides the text keys and the kept video keys: LIP's Attention Recovery
+    (duplicates of their references' keys at the pruned positions: pre-RoPE key and value,
+    rotated at the pruned token's position; records the kept tokens' video keys and values in
+    LIP's clean pass) or TAPE's full context (context.py)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         if not self.pruning():
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         if attention_mask is not None:
-            raise ValueError("LIP's Attention Recovery on CogVideoX takes no attention mask (the pipelines pass "
-                             "none): drop it from attention_kwargs, or use LipConfig(recovery=False)")
-        state, text = self.pruner.state, encoder_hidden_states.shape[1]
+            raise ValueError("vidprune's attention on CogVideoX takes no attention mask (the pipelines pass none): drop "
+                             "it from attention_kwargs, or use LipConfig(recovery=False) or TapeConfig(context='kept')")
+        state, text, context = self.pruner.state, encoder_hidden_states.shape[1], self.pruner.context
+        if context is not None and context.pruned() is None and context.keys != "remembered":
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         # (batch, text + video tokens, heads, head_dim); norm_q / norm_k are per-head LayerNorms.
-        query, key, value = (projection(joint).unflatten(2, (attn.heads, -1))
-                             for projection in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            query, key = attn.norm_q(query), attn.norm_k(key)
-        if state.recording is not None:  # clean pass over all tokens: keep the kept tokens' keys and values
+        query = attn.to_q(joint).unflatten(2, (attn.heads, -1))
+        query = query if attn.norm_q is None else attn.norm_q(query)
+        key, value = _key_value(attn, joint)
+        if context is None and state.recording is not None:  # LIP's clean pass: keep the kept tokens' keys and values
             kept = state.lip_mask.index[0] + text
             state.recording.append((key[:, kept], value[:, kept]))
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         span = state.current.span
-        keys = span.recovery_keys
         rope = span.inputs["image_rotary_emb"]
-        if rope is not None and span.key_rope is None:  # tables at the key positions, once per span
-            span.key_rope = tuple(table[keys.positions] for table in rope)
 
         def attend(video_query, video_key, video_value):  # rotated video parts, the text in front
             joined = (torch.cat([part[:, :text], video], dim=1).transpose(1, 2)
                       for part, video in ((query, video_query), (key, video_key), (value, video_value)))
             return F.scaled_dot_product_attention(*joined, dropout_p=0.0, is_causal=False).transpose(1, 2)
 
+        if context is not None:  # TAPE's full context
+            output = full_context_attention(
+                context, self.layer, query[:, text:], key[:, text:], value[:, text:], rotate=_rotate,
+                tables=image_rotary_emb, tables_at=lambda index: rope and tuple(table[index[0]] for table in rope),
+                attend=attend)
+            output = attn.to_out[1](attn.to_out[0](output.flatten(2, 3).type_as(query)))
+            return output[:, text:], output[:, :text]
+        keys = span.recovery_keys
+        if rope is not None and span.key_rope is None:  # tables at the key positions, once per span
+            span.key_rope = tuple(table[keys.positions] for table in rope)
         clean_key, clean_value = self.pruner.clean_keys_values(self.layer)
         output = recovered_attention(
             query[:, text:], key[:, text:], value[:, text:], keys,
@@ -198,6 +214,15 @@ class CogVideoXAdapter(Adapter):
 
     def recovery_processor(self, original: Any, pruner: Any, layer: int) -> Any:
         return CogVideoXRecoveryProcessor(original, pruner, layer)
+
+    supports_full_context = True
+
+    def context_key_value(self, block: torch.nn.Module, inputs: dict[str, Any], hidden_states: torch.Tensor,
+                          index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # As CogVideoXLayerNormZero (norm1) modulates the video tokens: one shift and scale per sample.
+        norm = block.norm1
+        shift, scale = norm.linear(norm.silu(inputs["temb"])).chunk(6, dim=1)[:2]
+        return _key_value(block.attn1, norm.norm(hidden_states) * (1 + scale)[:, None, :] + shift[:, None, :])
 
     def gather_block_inputs(self, inputs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
         gathered = {"hidden_states": gather_tokens(inputs["hidden_states"], index)}
