@@ -17,6 +17,7 @@ from vidprune.graphs import EagerReplayGraph
 from vidprune.patch import _GRAPHS_ATTRIBUTE
 from vidprune.runtime import bind_arguments, pruner_of
 
+from conftest import forward_after_dense
 
 FRAMES, HEIGHT, WIDTH = 3, 8, 8  # token grid of the calls below: 192 tokens
 TOKENS = FRAMES * HEIGHT * WIDTH
@@ -259,3 +260,32 @@ def test_a_reuse_step_adds_both_streams_remembered_residuals(pipe):
     (dense_in, dense_out), (reuse_in, reuse_out) = seen
     torch.testing.assert_close(reuse_out, reuse_in + (dense_out - dense_in))
     assert not torch.equal(reuse_in, dense_in)
+
+
+@pytest.mark.parametrize("condition", [None, "token_replace"])  # token_replace: the first frame modulated apart
+@pytest.mark.parametrize("keys", ["replayed", "remembered"])
+def test_full_context_with_exact_remembered_states_gives_the_dense_forward(condition, keys):
+    """As for Wan (test_full_context.py), over both block kinds (a span crossing from dual- to
+    single-stream blocks) with the text padding masked: the kept video and text queries take the
+    pruned video tokens' keys, with their own RoPE and modulation; kept-only attention differs."""
+    model = tiny_hunyuan(seed=3, **({"image_condition_type": condition} if condition else {}))
+    pipeline = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=model, vae=None,
+                                    scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None, tokenizer_2=None)
+    full = vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.34, context="full", context_keys=keys,
+                               **SPANS)
+    inputs = model_inputs()
+    dense, pruned, records = forward_after_dense(pipeline, full, inputs)
+    assert records[1].keep == 0.5 and [s.keys for s in records[1].spans] == [TOKENS, TOKENS]
+    torch.testing.assert_close(pruned, dense, rtol=0, atol=1e-5)
+    _, kept, _ = forward_after_dense(pipeline, full.with_(context="kept"), inputs)
+    assert (kept - dense).abs().max() > 1e-3
+
+
+def test_full_context_keep_one_and_remove_bit_identical(pipe):
+    reference = generate(pipe)
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=1.0, context="full", **SPANS))
+    assert torch.equal(generate(pipe), reference)
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, context="full", **SPANS))
+    assert not torch.equal(generate(pipe), reference)
+    vidprune.remove(pipe)
+    assert torch.equal(generate(pipe), reference)

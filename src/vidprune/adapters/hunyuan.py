@@ -43,6 +43,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, Hun
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
+from ..context import full_context_attention
 from ..recovery import recovered_attention
 from ..tokens import gather_tokens
 from .base import Adapter, BenchmarkShape, WrappedProcessor, random_text
@@ -72,19 +73,22 @@ _ROPE_ARGUMENTS = ("freqs_cis", "image_rotary_emb")
 
 
 class HunyuanRecoveryProcessor(WrappedProcessor):
-    """HunyuanVideo's joint attention (both block kinds) with LIP's Attention Recovery: the kept
-    video queries and the text queries attend to the kept video keys, duplicates of their
-    references' keys at the pruned positions (pre-RoPE key and value, rotated at the pruned
-    token's position) and the text keys. Records the kept tokens' video keys and values in
-    LIP's clean pass."""
+    """HunyuanVideo's joint attention (both block kinds) whose kept video queries and text
+    queries take a method's extra video keys besides the kept video keys and the text keys:
+    LIP's Attention Recovery (duplicates of their references' keys at the pruned positions:
+    pre-RoPE key and value, rotated at the pruned token's position; records the kept tokens'
+    video keys and values in LIP's clean pass) or TAPE's full context (context.py)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if not self.pruning():
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         if encoder_hidden_states is None or image_rotary_emb is None:
-            raise ValueError("LIP's Attention Recovery on HunyuanVideo runs in the blocks' joint attention (text "
-                             "tokens and RoPE given); use LipConfig(recovery=False) for other calls")
-        state, text = self.pruner.state, encoder_hidden_states.shape[1]
+            raise ValueError("vidprune's attention on HunyuanVideo runs in the blocks' joint attention (text tokens "
+                             "and RoPE given); use LipConfig(recovery=False) or TapeConfig(context='kept') for other "
+                             "calls")
+        state, text, context = self.pruner.state, encoder_hidden_states.shape[1], self.pruner.context
+        if context is not None and context.pruned() is None and context.keys != "remembered":
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         # Per token, as HunyuanVideoAttnProcessor2_0: the dual-stream blocks project the text
         # with their own add_*_proj and norms, the single-stream blocks with the video's.
         dual = attn.add_q_proj is not None
@@ -93,38 +97,45 @@ class HunyuanRecoveryProcessor(WrappedProcessor):
                              (attn.add_v_proj, None)) if dual else projections)
         query, key, value = (_project(x, attn, hidden_states) for x in projections)
         text_qkv = [_project(x, attn, encoder_hidden_states) for x in text_projections]
-        if state.recording is not None:  # clean pass over all tokens: keep the kept tokens' keys and values
+        if context is None and state.recording is not None:  # LIP's clean pass: keep the kept tokens' keys and values
             self.record_clean(key, value)
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         span = state.current.span
-        keys = span.recovery_keys
-        if span.key_rope is None:  # tables at the key positions, once per span (of both block kinds)
-            span.key_rope = tuple(table[keys.positions] for table in _rope(span.inputs))
-        # The video tokens are never masked: every key position is True, the text padding stays masked.
-        mask = None if attention_mask is None else torch.cat(
-            [attention_mask[..., :1].expand(*attention_mask.shape[:-1], keys.positions.shape[0]),
-             attention_mask[..., -text:]], dim=-1)
         backend = self._attention_backend
 
         def attend(video_query, video_key, video_value):  # rotated video parts, the text after them
+            # The video tokens are never masked: every video key is True, the text padding stays masked.
+            mask = None if attention_mask is None else torch.cat(
+                [attention_mask[..., :1].expand(*attention_mask.shape[:-1], video_key.shape[1]),
+                 attention_mask[..., -text:]], dim=-1)
             joined = (torch.cat([video, part], dim=1) for video, part in
                       zip((video_query, video_key, video_value), text_qkv))
             return dispatch_attention_fn(*joined, attn_mask=mask, dropout_p=0.0, is_causal=False, backend=backend)
 
-        clean_key, clean_value = self.pruner.clean_keys_values(self.layer)
-        output = recovered_attention(
-            query, key, value, keys,
-            rotate_query=lambda q: apply_rotary_emb(q, image_rotary_emb, sequence_dim=1),
-            rotate_key=lambda k: apply_rotary_emb(k, span.key_rope, sequence_dim=1),
-            attend=attend, duplicate_key=clean_key, duplicate_value=clean_value,
-        )
+        def rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return apply_rotary_emb(x, tables, sequence_dim=1)
+
+        if context is not None:  # TAPE's full context
+            output = full_context_attention(
+                context, self.layer, query, key, value, rotate=rotate, tables=image_rotary_emb,
+                tables_at=lambda index: tuple(table[index[0]] for table in _rope(span.inputs)), attend=attend)
+        else:
+            keys = span.recovery_keys
+            if span.key_rope is None:  # tables at the key positions, once per span (of both block kinds)
+                span.key_rope = tuple(table[keys.positions] for table in _rope(span.inputs))
+            clean_key, clean_value = self.pruner.clean_keys_values(self.layer)
+            output = recovered_attention(
+                query, key, value, keys, rotate_query=lambda q: rotate(q, image_rotary_emb),
+                rotate_key=lambda k: rotate(k, span.key_rope), attend=attend,
+                duplicate_key=clean_key, duplicate_value=clean_value,
+            )
         output = output.flatten(2, 3).to(query.dtype)
-        video, context = output[:, :-text], output[:, -text:]
+        video, text_output = output[:, :-text], output[:, -text:]
         if getattr(attn, "to_out", None) is not None:
             video = attn.to_out[1](attn.to_out[0](video))
         if getattr(attn, "to_add_out", None) is not None:
-            context = attn.to_add_out(context)
-        return video, context
+            text_output = attn.to_add_out(text_output)
+        return video, text_output
 
 
 def _project(projection: tuple[torch.nn.Module, torch.nn.Module | None], attn: torch.nn.Module,
@@ -228,12 +239,8 @@ class HunyuanVideoAdapter(Adapter):
         # the block's first modulated norm (per token, so the video tokens alone give theirs),
         # to_q/to_k, per-head RMSNorm, then RoPE. The text keys are left out: importance ranks
         # video tokens by the attention they get from video queries.
-        hidden_states, temb = inputs["hidden_states"], inputs["temb"]
-        norm = block.norm1 if hasattr(block, "norm1") else block.norm
-        if inputs.get("token_replace_emb") is not None:  # the first frame's tokens modulated apart
-            x = norm(hidden_states, temb, inputs["token_replace_emb"], inputs["num_tokens"])[0]
-        else:
-            x = norm(hidden_states, emb=temb)[0]
+        hidden_states = inputs["hidden_states"]
+        x = _attention_input(block, inputs, hidden_states, inputs.get("num_tokens"))
         attn = block.attn
         query = attn.norm_q(attn.to_q(x[:, query_index]).unflatten(2, (attn.heads, -1)))
         key = attn.norm_k(attn.to_k(x).unflatten(2, (attn.heads, -1)))
@@ -241,6 +248,17 @@ class HunyuanVideoAdapter(Adapter):
         query = apply_rotary_emb(query, (cos[query_index], sin[query_index]), sequence_dim=1)
         key = apply_rotary_emb(key, (cos, sin), sequence_dim=1)
         return query.transpose(1, 2), key.transpose(1, 2)
+
+    supports_full_context = True
+
+    def context_key_value(self, block: torch.nn.Module, inputs: dict[str, Any], hidden_states: torch.Tensor,
+                          index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first_frame = None  # token_replace: the first frame's tokens among `index` (sorted: they come first)
+        if inputs.get("token_replace_emb") is not None:
+            first_frame = int((index[0] < inputs["num_tokens"]).sum())
+        x = _attention_input(block, inputs, hidden_states, first_frame)
+        attn = block.attn
+        return _project((attn.to_k, attn.norm_k), attn, x), _project((attn.to_v, None), attn, x)
 
     def block_flops(self, transformer: torch.nn.Module, tokens: int, context_tokens: int, keys: int | None = None) -> float:
         """FLOPs of one block, either kind: per token (video or text) a dual-stream block's q, k, v,
@@ -255,6 +273,17 @@ class HunyuanVideoAdapter(Adapter):
         projections = 2 * joint * (4 * dim * dim + 2 * dim * mlp)
         attention = 2 * 2 * joint * joint_keys * dim  # scores and weighted values
         return float(projections + attention)
+
+
+def _attention_input(block: torch.nn.Module, inputs: dict[str, Any], hidden_states: torch.Tensor,
+                     first_frame_tokens: int | None) -> torch.Tensor:
+    """The video tokens `hidden_states` after the block's first modulated norm (either kind; per
+    token, so video tokens alone give theirs): with token_replace, the first `first_frame_tokens`
+    of them modulated at timestep 0."""
+    norm = block.norm1 if hasattr(block, "norm1") else block.norm
+    if inputs.get("token_replace_emb") is not None:
+        return norm(hidden_states, inputs["temb"], inputs["token_replace_emb"], first_frame_tokens)[0]
+    return norm(hidden_states, emb=inputs["temb"])[0]
 
 
 def _rope(inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
