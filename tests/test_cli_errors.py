@@ -17,6 +17,7 @@ from PIL import Image
 
 import vidprune.cli as cli
 import vidprune.video_io as video_io
+from vidprune.budget import BudgetProfile
 from vidprune.cli import main
 from vidprune.video_io import write_video
 
@@ -318,3 +319,24 @@ def test_the_demo_model_warns_of_a_size_it_was_not_trained_for(tmp_path, capsys,
     assert (len(fake_pipe.calls[0]["video"]), fake_pipe.calls[0]["height"]) == (25, 96)
     code, _, err = run_cli([*GEN, "--method", "none", "--frames", "9", "-o", str(tmp_path / "clip.gif")], capsys)
     assert code == 0 and "not 9 frames at 128x128" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "none", "--context", "full"], "--context applies to pruning methods"),
+    (["--method", "paper", "--context", "full"], "cache must be 'span' or 'block' with context='full'"),
+    (["--context", "full", "--budget", "cycle"], "context must be 'kept' with a budget without token steps"),
+])
+def test_generate_refuses_a_context_it_cannot_run_before_loading(argv, message, capsys, no_model, tmp_path):
+    code, _, err = run_cli(["generate", "a red circle", *SMALL, "-o", str(tmp_path / "out.mp4"), *argv], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_generate_takes_a_profiles_context_and_refuses_another(capsys, no_model, tmp_path):
+    profile = tmp_path / "full.json"
+    BudgetProfile(keeps=(1.0, 0.5, 0.5), context="full").save(profile)
+    code, _, err = run_cli(["generate", "a red circle", *SMALL, "--budget", str(profile), "--context", "kept",
+                            "-o", str(tmp_path / "out.mp4")], capsys)
+    assert code == 2 and "'full', the context this budget profile's token steps were calibrated with" in err
+    args = SimpleNamespace(budget=str(profile), context=None)
+    assert cli.budget_and_context(args) == {"budget": str(profile), "context": "full"}

@@ -199,7 +199,7 @@ class TapeConfig:
         BudgetProfile, whose mean becomes `keep`."""
         budget = self.budget
         accepted = (f"one of {', '.join(map(repr, BUDGET_RULES))}, a list of per-step keeps in [0, 1], a "
-                    "vidprune.BudgetProfile or the path of a profile's .json file")
+                    "vidprune.budget.BudgetProfile or the path of a profile's .json file")
         if isinstance(budget, str) and budget in BUDGET_RULES:
             return
         if isinstance(budget, str) and budget.endswith(".json"):

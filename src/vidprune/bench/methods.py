@@ -45,6 +45,9 @@ REGISTRY = {
     "tape-even": MethodSpec("pruning", "generate", "KEEP", 0.5, "TAPE token steps (even budget: token cache, refreshing "
                       "selection, first 20% of steps dense), mean keep {v}",
         tape=lambda keep: TapeConfig(keep=keep, budget="even")),
+    "tape-full": MethodSpec("pruning", "generate", "KEEP", 0.5, "tape-even with full context (kept tokens attend over "
+                      "every token, the pruned ones' keys from their replayed state), mean keep {v}",
+        tape=lambda keep: TapeConfig(keep=keep, budget="even", context="full")),
     "tape-nocache": MethodSpec("pruning", "generate", "KEEP", 0.5, "tape-even, pruned tokens pass spans unchanged, "
                          "mean keep {v}",
         tape=lambda keep: TapeConfig(keep=keep, budget="even", cache="none")),
@@ -227,9 +230,16 @@ def default_methods(random_weights: bool, adapter: Adapter | None = None) -> lis
     settings spanning similar speedups, and TAPE stacked with the caches that compose; on a
     family other than Wan (`adapter`), the ones that run there (check_family)."""
     names = _issue_methods(random_weights)
-    if adapter is None or adapter.runs_every_bench_method:
+    if adapter is None:
         return names
-    return [name for name in names if all(REGISTRY[kind].generic for kind, _ in parse_method(name).parts)]
+
+    def runs(kind: str) -> bool:
+        spec = REGISTRY[kind]
+        full_context = spec.tape is not None and spec.tape(0.5).context == "full"
+        return ((spec.generic or adapter.runs_every_bench_method)
+                and (not full_context or adapter.supports_full_context))
+
+    return [name for name in names if all(runs(kind) for kind, _ in parse_method(name).parts)]
 
 
 def _issue_methods(random_weights: bool) -> list[str]:
@@ -240,7 +250,7 @@ def _issue_methods(random_weights: bool) -> list[str]:
     if not random_weights:
         fbc, mag = [*fbc, "fbc:0.05", "fbc:0.1", "fbc:0.2"], [*mag, "mag:0.06", "mag:0.12", "mag:0.24"]
     return [
-        "tape:0.3", "tape:0.5", "tape:0.7", "tape-even:0.5", "tape-nocache:0.5", "tape-norefresh:0.5",
+        "tape:0.3", "tape:0.5", "tape:0.7", "tape-even:0.5", "tape-full:0.5", "tape-nocache:0.5", "tape-norefresh:0.5",
         "tape-nodense:0.5", "paper:0.5",
         "naive:0.5", "random:0.5", *fbc, *mag, "taylor:3", "taylor:5", "pab:2", "pab:3", "faster:2", "faster:3",
         # token steps stack with step caches; reuse steps are whole-step skipping already
