@@ -167,3 +167,16 @@ def test_full_context_is_refused_with_cuda_graphs():
 
     with pytest.raises(ValueError, match="context='kept'"):
         check_graphs(vidprune.TapeConfig(budget="even", context="full"))
+
+
+def test_a_call_without_room_is_refused_naming_a_setting_that_needs_less():
+    from vidprune.tape import refuse_without_room
+
+    refuse_without_room(vidprune.TapeConfig(**FULL), needed=2**30, free=2**31, tokens=48, device="cuda:0")
+    expected = [({}, "context_storage='float8'"), (dict(context_storage="float8"), "context='kept'"),
+                (dict(context_keys="remembered", context_storage="float8"), "context_keys='replayed'"),
+                (dict(cache="block"), "cache='span'")]
+    for fields, advice in expected:
+        with pytest.raises(ValueError, match=f"needs about 2.0 GiB .* 1.0 GiB are free on cuda:0: use {advice}"):
+            refuse_without_room(vidprune.TapeConfig(**FULL, **fields), needed=2**31, free=2**30, tokens=48,
+                                device="cuda:0")

@@ -184,6 +184,21 @@ def check_graphs(config: TapeConfig) -> None:
                          "compile_blocks(graphs=True) use context='kept', or compile_blocks() without graphs=True")
 
 
+def refuse_without_room(config: TapeConfig, needed: int, free: int, tokens: int, device: str) -> None:
+    """A ValueError when a call's token memory (`needed` bytes) exceeds the `free` bytes of its
+    device, naming the setting that needs less: the block cache's, full context's storage, its keys."""
+    if needed <= free:
+        return
+    settings = f"cache={config.cache!r}" + (f", context='full', context_keys={config.context_keys!r}, "
+                                             f"context_storage={config.context_storage!r}" if config.context == "full" else "")
+    lighter = ("cache='span' (one residual per span and branch)" if config.cache == "block" else
+               "context_storage='float8' (half the memory)" if config.context_storage != "float8" else
+               "context_keys='replayed' (one residual per block, half the keys' size)"
+               if config.context_keys == "remembered" else "context='kept' (one residual per span)")
+    raise ValueError(f"TapeConfig({settings}) needs about {needed / 2**30:.1f} GiB for its token cache at {tokens} "
+                     f"tokens and {free / 2**30:.1f} GiB are free on {device}: use {lighter}")
+
+
 class TapePruner(TokenPruner):
     def __init__(self, transformer: torch.nn.Module, adapter, config: TapeConfig, state: TapeState) -> None:
         num_layers = len(adapter.blocks(transformer))
@@ -266,27 +281,19 @@ class TapePruner(TokenPruner):
         if not hidden_states.is_cuda or (config.cache != "block" and config.context != "full"):
             return
         adapter, transformer = self.adapter, self.transformer
+        # (the families without the block cache have no branch_modules; the count is used for it alone)
+        branch_modules = len(adapter.branch_modules(adapter.blocks(transformer)[0])) if config.cache == "block" else 0
         needed = memory_estimate(
             config.cache, config.refreshes, len(self.spans), sum(s.end - s.start + 1 for s in self.spans),
             current.grid.size if current.shard is None else current.shard.size, adapter.hidden_size(transformer),
             hidden_states.element_size(),
             branches=1 if adapter.guidance_batched else 2,  # batched CFG: both branches are in the batch
-            batch=hidden_states.shape[0], branch_modules=len(adapter.branch_modules(adapter.blocks(transformer)[0])),
+            batch=hidden_states.shape[0], branch_modules=branch_modules,
             context_keys=config.context_keys if config.context == "full" else None,
             context_float8=config.context_storage == "float8",
         )
-        free = torch.cuda.mem_get_info(hidden_states.device)[0]
-        if needed > free:
-            settings = f"cache={config.cache!r}" + (f", context='full', context_keys={config.context_keys!r}"
-                                                     if config.context == "full" else "")
-            lighter = ("cache='span' (one residual per span and branch)" if config.cache == "block" else
-                       "context_storage='float8' (half the memory)" if config.context_storage != "float8" else
-                       "context_keys='replayed' (one residual per block, half the keys' size)"
-                       if config.context_keys == "remembered" else "context='kept' (one residual per span)")
-            raise ValueError(
-                f"TapeConfig({settings}) needs about {needed / 2**30:.1f} GiB for its token cache at {current.grid.size} "
-                f"tokens and {free / 2**30:.1f} GiB are free on {hidden_states.device}: use {lighter}"
-            )
+        refuse_without_room(config, needed, torch.cuda.mem_get_info(hidden_states.device)[0], current.grid.size,
+                            str(hidden_states.device))
 
     def held_bytes(self) -> int:
         return self.state.memory_bytes()
