@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=0, help="videos per call (0: all prompts in one call, as on a "
+                        "GPU; on a CPU small batches run faster)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/context"))
     parser.add_argument("--embeds", type=Path, required=True, help="text embeddings of the prompts (read if the file "
                         "exists, else computed and written: benchmarks/budget_fidelity.py --write-embeds)")
@@ -70,8 +72,14 @@ def main() -> None:
     parser.add_argument("--moves", type=int, default=8, help="measured local-search moves per target")
     parser.add_argument("--no-calibration", action="store_true", help="only the fixed budgets")
     parser.add_argument("--only", nargs="*", help="only these methods of the fixed budgets (none: calibration only)")
-    parser.add_argument("--name", default="context_fidelity", help="stem of the JSON written to --out")
+    parser.add_argument("--name", default="context_fidelity", help="stem of the JSON and markdown written to --out")
+    parser.add_argument("--references", type=Path, help="the unpruned videos: read if the file exists (an earlier "
+                        "run of the same evaluation), else computed and written (a local file, not a result)")
+    parser.add_argument("--report", type=Path, help="only write the markdown of this JSON (beside it)")
     args = parser.parse_args()
+    if args.report is not None:
+        args.report.with_suffix(".md").write_text(markdown(json.loads(args.report.read_text())))
+        return
     device = args.device
     evaluation = [i.arguments["prompt"] for i in generation_inputs(args.prompts, 1)]
     calibration = demo_calibration_prompts(8)
@@ -90,15 +98,18 @@ def main() -> None:
 
     generate = embeds_generator(pipe, positive, negative, call, device)
 
+    batches = [evaluated[i:i + args.batch] for i in range(0, len(evaluated), args.batch or len(evaluated))]
+
     def run_all() -> tuple[dict, list[float]]:
         videos, times = {}, []
         for seed in range(args.seeds):
-            sync()
-            started = time.perf_counter()
-            frames = np.asarray(generate(evaluated, seed))
-            sync()
-            times.append((time.perf_counter() - started) / len(evaluated))
-            videos.update({(i, seed): frames[i] for i in evaluated})
+            for batch in batches:
+                sync()
+                started = time.perf_counter()
+                frames = np.asarray(generate(batch, seed))
+                sync()
+                times.append((time.perf_counter() - started) / len(batch))
+                videos.update({(i, seed): frames[j] for j, i in enumerate(batch)})
         return videos, times
 
     info = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
@@ -114,8 +125,9 @@ def main() -> None:
     out_file = args.out / f"{args.name}.json"
 
     def write() -> None:
-        out_file.write_text(json.dumps({"info": info, "calibration": calibration_report,
-                                        "reference_s_per_video": reference_s, "rows": rows}, indent=1))
+        report = {"info": info, "calibration": calibration_report, "reference_s_per_video": reference_s, "rows": rows}
+        out_file.write_text(json.dumps(report, indent=1))
+        out_file.with_suffix(".md").write_text(markdown(report))
 
     def evaluate(name: str, config: vidprune.TapeConfig) -> None:
         vidprune.apply(pipe, config)
@@ -134,7 +146,16 @@ def main() -> None:
 
     with torch.no_grad():
         generate(evaluated[:1], 0)  # warm-up
-        references, reference_times = run_all()
+        if args.references is not None and args.references.is_file():  # an earlier run's, same prompts and call
+            saved = torch.load(args.references)
+            if saved["info"] != {k: info[k] for k in ("evaluation_prompts", "seeds", "call")}:
+                raise SystemExit(f"{args.references} holds the references of another evaluation: delete it")
+            references, reference_times = saved["videos"], saved["times"]
+        else:
+            references, reference_times = run_all()
+            if args.references is not None:
+                torch.save({"info": {k: info[k] for k in ("evaluation_prompts", "seeds", "call")},
+                            "videos": references, "times": reference_times}, args.references)
         reference_s = statistics.median(reference_times)
         for name, config in table.items():
             evaluate(name, config)
@@ -156,6 +177,24 @@ def main() -> None:
                     fields = CONTEXTS[context] if any(0.0 < k < 1.0 for k in profile.keeps) else {}
                     evaluate(f"profile:{profile.target_cost} {context}", vidprune.TapeConfig(budget=profile, **fields))
     print(f"wrote {out_file}")
+
+
+def markdown(report: dict) -> str:
+    info = report["info"]
+    lines = [f"# Full context on the demo model ({info['device'] or 'cpu'})", "",
+             f"{info['model']}; {info['evaluation_prompts']} held-out prompts x {info['seeds']} seeds = "
+             f"{info['evaluation_prompts'] * info['seeds']} videos, each against the unpruned video of the same prompt "
+             f"and seed; call {info['call']}. Made by `{info['command']}`.", "",
+             "| method | PSNR dB (median) | mean | SSIM | flicker ratio | colour kept | direction kept | mean keep "
+             "| block FLOPs computed | token memory MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        lines.append(f"| {row['method']} | {row['psnr']:.2f} | {row['psnr_mean']:.2f} | {row['ssim']:.3f} | "
+                     f"{row['flicker_ratio']:.2f} | {row['colour_kept']:.0%} | {row['direction_kept']:.0%} | "
+                     f"{row['mean_keep']:.2f} | {row['flops_computed']:.3f} | {row['token_memory_mib']:.1f} |")
+    lines += ["", "Block FLOPs computed: the share of a dense call's, full context's token steps counting every key "
+              "in their attention. Times of a CPU run are not speed figures (full-size speed: "
+              "benchmarks/context_speed.py on a GPU)."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

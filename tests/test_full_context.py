@@ -10,7 +10,7 @@ import vidprune
 from vidprune.adapters import adapter_for
 from vidprune.context import FullContext, TokenRows, pruned_index, store_rows
 from vidprune.refresh import SpanMemory, memory_estimate
-from vidprune.runtime import OpenSpan, bind_arguments
+from vidprune.runtime import OpenSpan, bind_arguments, pruner_of
 
 from conftest import SMALL_SPANS, forward_after_dense, run, transformer_inputs
 
@@ -180,3 +180,12 @@ def test_a_call_without_room_is_refused_naming_a_setting_that_needs_less():
         with pytest.raises(ValueError, match=f"needs about 2.0 GiB .* 1.0 GiB are free on cuda:0: use {advice}"):
             refuse_without_room(vidprune.TapeConfig(**FULL, **fields), needed=2**31, free=2**30, tokens=48,
                                 device="cuda:0")
+
+
+def test_full_context_is_refused_under_context_parallelism_before_the_forward_computes(clean):
+    pipe = clean["t2v"]
+    vidprune.apply(pipe, vidprune.TapeConfig(**FULL))
+    pruner = pruner_of(pipe.transformer)
+    with pytest.raises(ValueError, match="context='full'.*context parallelism.*use context='kept'"):
+        pruner.check_parallel(shard=None)  # what begin_forward asks of a forward split over ranks
+    vidprune.remove(pipe)
