@@ -189,3 +189,12 @@ def test_full_context_is_refused_under_context_parallelism_before_the_forward_co
     with pytest.raises(ValueError, match="context='full'.*context parallelism.*use context='kept'"):
         pruner.check_parallel(shard=None)  # what begin_forward asks of a forward split over ranks
     vidprune.remove(pipe)
+
+
+def test_the_stats_table_shows_the_keys_a_full_context_span_attends_over(clean):
+    pipe = clean["t2v"]
+    vidprune.apply(pipe, vidprune.TapeConfig(**FULL))
+    run(pipe, "t2v", num_inference_steps=6)
+    table = str(vidprune.stats(pipe))
+    vidprune.remove(pipe)
+    assert "1-2:12 3-4:12 5-5:12 of 48 (keys 48)" in table

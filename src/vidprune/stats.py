@@ -19,7 +19,7 @@ class SpanRecord:
     tokens: int
     grid: TokenGrid
     index: torch.Tensor | None = None  # kept token indices (LIP; TAPE with record_selections=True)
-    keys: int | None = None  # self-attention keys when they differ from tokens (LIP's recovery)
+    keys: int | None = None  # self-attention keys when they differ from tokens (LIP's recovery, TAPE's full context)
     graph: str | None = None  # with CUDA graphs (compile_blocks(graphs=True)): "eager", "captured" or "replayed"
     reused: bool = False  # a reuse step: no block ran; every token took its remembered residual
 
@@ -113,6 +113,9 @@ class PruneStats:
                 spans = f"reuse: layers {f.spans[0].start}-{f.spans[-1].end} not run"
             else:
                 spans = " ".join(f"{s.start}-{s.end}:{s.tokens}" for s in f.spans) + f" of {f.tokens}" if f.spans else "unpruned"
+                pruned_keys = {s.keys for s in f.spans if s.keys is not None and s.tokens < f.tokens}
+                if pruned_keys:  # LIP's recovered keys, or full context's every token
+                    spans += f" (keys {'/'.join(map(str, sorted(pruned_keys)))})"
             step = "-" if f.step is None else str(f.step)
             lines.append(f"{step:>4} {f.sigma:6.3f} {f.keep:5.2f} {len(group):>5}  {spans:<48} {f.flops_saved:11.1%}")
         lines.append(
