@@ -16,7 +16,7 @@ from vidprune.budget import plan_keeps
 from vidprune.selection import kept_per_frame
 from vidprune.tokens import TokenGrid
 
-from conftest import SMALL_SPANS, block_tokens, replay_matches_block, tiny_transformer, transformer_inputs
+from conftest import SMALL_SPANS, block_tokens, forward_after_dense, replay_matches_block, tiny_transformer, transformer_inputs
 
 GRID = TokenGrid(3, 4, 4)  # 9 frames at 64x64 -> 3 latent frames of 8x8 -> 3 x 4 x 4 tokens
 TEXT_DIM = 16
@@ -218,3 +218,17 @@ def test_two_experts_follow_the_one_budget_rule(two_experts):
 def _timesteps_of(pipe, steps: int) -> list[float]:
     pipe.scheduler.set_timesteps(steps)
     return pipe.scheduler.timesteps.tolist()
+
+
+def test_full_context_with_per_token_modulation_gives_the_dense_forward_from_exact_states(ti2v):
+    """Wan2.2 TI2V's per-token timesteps: a pruned token's key is made with its own modulation
+    (context_key_value gathers temb at its position); from exact states, the dense output."""
+    pipe = ti2v["t2v"]
+    inputs = dict(hidden_states=torch.randn(1, 16, 3, 8, 8), encoder_hidden_states=torch.randn(1, 8, TEXT_DIM),
+                  timestep=torch.linspace(0.0, 900.0, GRID.size).unsqueeze(0), return_dict=False)
+    full = vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.34, context="full", **SMALL_SPANS)
+    dense, pruned, records = forward_after_dense(pipe, full, inputs)
+    assert records[1].keep == 0.5
+    torch.testing.assert_close(pruned, dense, rtol=0, atol=1e-5)
+    _, kept, _ = forward_after_dense(pipe, full.with_(context="kept"), inputs)
+    assert (kept - dense).abs().max() > 1e-3
