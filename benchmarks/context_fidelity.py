@@ -147,7 +147,7 @@ def main() -> None:
     with torch.no_grad():
         generate(evaluated[:1], 0)  # warm-up
         if args.references is not None and args.references.is_file():  # an earlier run's, same prompts and call
-            saved = torch.load(args.references)
+            saved = torch.load(args.references, weights_only=False)  # our own file: numpy videos
             if saved["info"] != {k: info[k] for k in ("evaluation_prompts", "seeds", "call")}:
                 raise SystemExit(f"{args.references} holds the references of another evaluation: delete it")
             references, reference_times = saved["videos"], saved["times"]
