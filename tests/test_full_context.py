@@ -96,16 +96,18 @@ def test_with_exact_remembered_states_the_pruned_forward_equals_the_dense_one(cl
     context the pruned forward gives the dense output (1e-5, float32; float8 storage within its
     precision); with kept-only attention it does not."""
     pipe = clean["t2v"]
+    generator = torch.Generator().manual_seed(0)
     inputs = transformer_inputs(frames=3, height=8, width=8)
-    inputs["encoder_hidden_states"] = torch.randn(1, 7, pipe.transformer.config.text_dim)
-    inputs["hidden_states"] = torch.randn(1, 16, 3, 8, 8)
+    inputs["encoder_hidden_states"] = torch.randn(1, 7, pipe.transformer.config.text_dim, generator=generator)
+    inputs["hidden_states"] = torch.randn(1, 16, 3, 8, 8, generator=generator)
     dense, full, records = forward_after_dense(pipe, vidprune.TapeConfig(**FULL, **source), inputs)
     assert [f.keep for f in records] == [1.0, 0.5]
     assert [s.tokens for s in records[1].spans] == [24, 24, 24]  # of 48
     _, kept, _ = forward_after_dense(pipe, vidprune.TapeConfig(**{**FULL, "context": "kept", **source}), inputs)
-    tolerance = 1e-2 if source.get("context_storage") == "float8" else 1e-5
+    tolerance = 2e-3 if source.get("context_storage") == "float8" else 1e-5  # float8: ~4e-4 here
     torch.testing.assert_close(full, dense, rtol=0, atol=tolerance)
-    assert (kept - dense).abs().max() > 10 * tolerance  # the pruned tokens' keys matter
+    # the pruned tokens' keys matter: without them the error is ~0.1 here
+    assert (kept - dense).abs().max() > 100 * max((full - dense).abs().max(), 1e-6)
 
 
 @pytest.mark.parametrize("source", KEY_SOURCES, ids=lambda s: "-".join(s.values()))
