@@ -116,13 +116,13 @@ def replay_matches_block(model: torch.nn.Module, block: torch.nn.Module, inputs:
     return torch.equal(replayed, captured["output"]), captured
 
 
-def assert_exact_and_pruning(pipe, generate, spans: dict) -> None:
+def assert_exact_and_pruning(pipe, generate, spans: dict, **fields) -> None:
     """keep=1.0 and remove give `generate(pipe)` bit for bit; keep 0.5 on `spans` changes it and
-    keeps half the tokens (a family's first pipeline test)."""
+    keeps half the tokens (a family's first pipeline test); `fields`: more TapeConfig fields for both."""
     reference = generate(pipe)
-    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=1.0))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=1.0, **fields))
     assert torch.equal(generate(pipe), reference)
-    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.0, **spans))
+    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, dense_first=0.0, **spans, **fields))
     pruned = generate(pipe)
     assert vidprune.stats(pipe).mean_keep == 0.5
     assert torch.isfinite(pruned).all() and not torch.equal(pruned, reference)

@@ -17,7 +17,7 @@ from vidprune.graphs import EagerReplayGraph
 from vidprune.patch import _GRAPHS_ATTRIBUTE
 from vidprune.runtime import bind_arguments, pruner_of
 
-from conftest import forward_after_dense
+from conftest import assert_exact_and_pruning, forward_after_dense
 
 FRAMES, HEIGHT, WIDTH = 3, 8, 8  # token grid of the calls below: 192 tokens
 TOKENS = FRAMES * HEIGHT * WIDTH
@@ -282,10 +282,4 @@ def test_full_context_with_exact_remembered_states_gives_the_dense_forward(condi
 
 
 def test_full_context_keep_one_and_remove_bit_identical(pipe):
-    reference = generate(pipe)
-    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=1.0, context="full", **SPANS))
-    assert torch.equal(generate(pipe), reference)
-    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, context="full", **SPANS))
-    assert not torch.equal(generate(pipe), reference)
-    vidprune.remove(pipe)
-    assert torch.equal(generate(pipe), reference)
+    assert_exact_and_pruning(pipe, generate, SPANS, context="full")

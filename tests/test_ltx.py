@@ -231,10 +231,4 @@ def test_full_context_with_exact_remembered_states_gives_the_dense_forward(pipe,
 
 
 def test_full_context_keep_one_and_remove_bit_identical(pipe):
-    reference = generate(pipe)
-    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=1.0, context="full", **SMALL_SPANS))
-    assert torch.equal(generate(pipe), reference)
-    vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, context="full", **SMALL_SPANS))
-    assert not torch.equal(generate(pipe), reference)
-    vidprune.remove(pipe)
-    assert torch.equal(generate(pipe), reference)
+    assert_exact_and_pruning(pipe, generate, SMALL_SPANS, context="full")

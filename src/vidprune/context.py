@@ -37,10 +37,11 @@ from .tokens import gather_tokens
 
 
 def pruned_index(index: torch.Tensor, tokens: int) -> torch.Tensor:
-    """(rows, tokens - kept) sorted positions of the tokens not in `index` (rows, kept)."""
-    computed = torch.zeros(index.shape[0], tokens, dtype=torch.bool, device=index.device)
-    computed.scatter_(1, index, True)
-    return (~computed).nonzero()[:, 1].view(index.shape[0], -1)
+    """(rows, tokens - kept) sorted positions of the tokens not in `index` (rows, kept). The count
+    is known, so a stable sort finds them without waiting for the device (nonzero would)."""
+    computed = torch.zeros(index.shape[0], tokens, dtype=torch.int8, device=index.device)
+    computed.scatter_(1, index, 1)
+    return computed.argsort(dim=1, stable=True)[:, : tokens - index.shape[1]]
 
 
 def store_rows(stored: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:

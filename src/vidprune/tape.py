@@ -250,9 +250,11 @@ class TapePruner(TokenPruner):
         self._originals = []
 
     def extends_attention(self) -> bool:
+        # A span computing every token adds no keys; it only has keys to remember ("remembered").
         current = self.state.current
         return (self.context is not None and super().extends_attention() and current.span.start in self._span_end
-                and self.state.remembers(current.branch))
+                and self.state.remembers(current.branch)
+                and (current.span.index is not None or self.context.keys == "remembered"))
 
     def attention_keys(self) -> int | None:
         return self.state.current.grid.size if self.context is not None else None

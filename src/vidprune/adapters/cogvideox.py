@@ -85,8 +85,6 @@ class CogVideoXRecoveryProcessor(WrappedProcessor):
             raise ValueError("vidprune's attention on CogVideoX takes no attention mask (the pipelines pass none): drop "
                              "it from attention_kwargs, or use LipConfig(recovery=False) or TapeConfig(context='kept')")
         state, text, context = self.pruner.state, encoder_hidden_states.shape[1], self.pruner.context
-        if context is not None and context.pruned() is None and context.keys != "remembered":
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         # (batch, text + video tokens, heads, head_dim); norm_q / norm_k are per-head LayerNorms.
         query = attn.to_q(joint).unflatten(2, (attn.heads, -1))

@@ -87,8 +87,6 @@ class HunyuanRecoveryProcessor(WrappedProcessor):
                              "and RoPE given); use LipConfig(recovery=False) or TapeConfig(context='kept') for other "
                              "calls")
         state, text, context = self.pruner.state, encoder_hidden_states.shape[1], self.pruner.context
-        if context is not None and context.pruned() is None and context.keys != "remembered":
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         # Per token, as HunyuanVideoAttnProcessor2_0: the dual-stream blocks project the text
         # with their own add_*_proj and norms, the single-stream blocks with the video's.
         dual = attn.add_q_proj is not None

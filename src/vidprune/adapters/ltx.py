@@ -82,8 +82,6 @@ class LTXRecoveryProcessor(WrappedProcessor):
                              "context); use LipConfig(recovery=False) or TapeConfig(context='kept') for other calls")
         state = self.pruner.state
         context = self.pruner.context
-        if context is not None and context.pruned() is None and context.keys != "remembered":
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         key, value = _key_value(attn, hidden_states)
         backend = self._attention_backend

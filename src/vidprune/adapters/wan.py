@@ -138,8 +138,6 @@ class WanRecoveryProcessor(WrappedProcessor):
     def _full_context(self, attn, hidden_states, rotary_emb):
         """TAPE's full context: the kept queries over the kept keys and the pruned tokens' keys."""
         context = self.pruner.context
-        if context.pruned() is None and context.keys != "remembered":  # every token computed: nothing to add or keep
-            return self.original(attn, hidden_states, None, None, rotary_emb)
         query, key, value = _query_key_value(attn, hidden_states)
         tables = self.pruner.state.current.span.inputs["rotary_emb"]
         output = full_context_attention(
