@@ -40,6 +40,7 @@ CONTEXTS = {"kept": {}, "full-replayed": dict(context="full"),
             "full-block": dict(context="full", cache="block"),
             "full-replayed-f8": dict(context="full", context_storage="float8")}
 TARGETS = (0.7, 0.5, 0.35)
+REFERENCE_KEYS = ("prompt_set", "evaluation_prompts", "seeds", "call")  # what makes two runs' references the same
 
 
 def methods(steps: int) -> dict[str, vidprune.TapeConfig]:
@@ -76,6 +77,10 @@ def main() -> None:
     parser.add_argument("--references", type=Path, help="the unpruned videos: read if the file exists (an earlier "
                         "run of the same evaluation), else computed and written (a local file, not a result)")
     parser.add_argument("--report", type=Path, help="only write the markdown of this JSON (beside it)")
+    parser.add_argument("--tune", action="store_true", help="evaluate on the calibration prompts instead: for choosing "
+                        "settings, never a fidelity figure (those come from the held-out prompts)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="TapeConfig fields set on every fixed-budget method (its name then says them)")
     args = parser.parse_args()
     if args.report is not None:
         args.report.with_suffix(".md").write_text(markdown(json.loads(args.report.read_text())))
@@ -88,8 +93,8 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     call = dict(DEFAULT_CALL, output_type="np", num_inference_steps=args.steps)
     steps = args.steps
-    evaluated = list(range(len(evaluation)))
     calibrating = list(range(len(evaluation), len(evaluation) + len(calibration)))
+    evaluated = calibrating if args.tune else list(range(len(evaluation)))
     args.out.mkdir(parents=True, exist_ok=True)
 
     def sync() -> None:
@@ -114,13 +119,17 @@ def main() -> None:
 
     info = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
             "torch": torch.__version__, "model": "vidprune's demo model (a small test bed, not a product model)",
-            "evaluation_prompts": len(evaluation), "seeds": args.seeds, "calibration_prompts": calibration,
+            "prompt_set": "calibration (tuning only)" if args.tune else "held-out",
+            "evaluation_prompts": len(evaluated), "seeds": args.seeds, "calibration_prompts": calibration,
             "call": {k: v for k, v in call.items() if k != "output_type"},
             "command": "python benchmarks/context_fidelity.py " + shlex.join(sys.argv[1:])}
     print(info, flush=True)
     table = methods(steps)
     if args.only is not None:
         table = {name: config for name, config in table.items() if name in args.only}
+    changes = dict(field_value(text) for text in args.set)
+    if changes:
+        table = {f"{name} {' '.join(args.set)}": config.with_(**changes) for name, config in table.items()}
     rows, calibration_report = [], {}
     out_file = args.out / f"{args.name}.json"
 
@@ -148,13 +157,13 @@ def main() -> None:
         generate(evaluated[:1], 0)  # warm-up
         if args.references is not None and args.references.is_file():  # an earlier run's, same prompts and call
             saved = torch.load(args.references, weights_only=False)  # our own file: numpy videos
-            if saved["info"] != {k: info[k] for k in ("evaluation_prompts", "seeds", "call")}:
+            if saved["info"] != {k: info[k] for k in REFERENCE_KEYS}:
                 raise SystemExit(f"{args.references} holds the references of another evaluation: delete it")
             references, reference_times = saved["videos"], saved["times"]
         else:
             references, reference_times = run_all()
             if args.references is not None:
-                torch.save({"info": {k: info[k] for k in ("evaluation_prompts", "seeds", "call")},
+                torch.save({"info": {k: info[k] for k in REFERENCE_KEYS},
                             "videos": references, "times": reference_times}, args.references)
         reference_s = statistics.median(reference_times)
         for name, config in table.items():
@@ -179,10 +188,20 @@ def main() -> None:
     print(f"wrote {out_file}")
 
 
+def field_value(text: str) -> tuple[str, object]:
+    """"refresh_every=3" -> ("refresh_every", 3): a number or true/false as JSON reads it, else the text."""
+    field, _, value = text.partition("=")
+    try:
+        return field, json.loads(value)
+    except json.JSONDecodeError:
+        return field, value
+
+
 def markdown(report: dict) -> str:
     info = report["info"]
     lines = [f"# Full context on the demo model ({info['device'] or 'cpu'})", "",
-             f"{info['model']}; {info['evaluation_prompts']} held-out prompts x {info['seeds']} seeds = "
+             f"{info['model']}; {info['evaluation_prompts']} {info.get('prompt_set', 'held-out')} prompts x "
+             f"{info['seeds']} seeds = "
              f"{info['evaluation_prompts'] * info['seeds']} videos, each against the unpruned video of the same prompt "
              f"and seed; call {info['call']}. Made by `{info['command']}`.", "",
              "| method | PSNR dB (median) | mean | SSIM | flicker ratio | colour kept | direction kept | mean keep "

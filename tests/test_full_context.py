@@ -200,3 +200,21 @@ def test_the_stats_table_shows_the_keys_a_full_context_span_attends_over(clean):
     table = str(vidprune.stats(pipe))
     vidprune.remove(pipe)
     assert "1-2:12 3-4:12 5-5:12 of 48 (keys 48)" in table
+
+
+@pytest.mark.parametrize("fields", [dict(context="full"), dict(context="full", context_keys="remembered"),
+                                    dict(context="full", context_storage="float8"), {}],
+                         ids=["replayed", "remembered", "float8", "kept"])
+def test_the_room_check_needs_what_the_spans_hold_with_a_lead_span(clean, monkeypatch, fields):
+    """With reuse steps the layers before the first pruned span form a lead span: one residual
+    per branch, no history, no context rows (the GPU's room check must not count them)."""
+    pipe = clean["t2v"]
+    config = vidprune.TapeConfig(budget=(1.0, 1.0, 0.0, 0.5, 0.0, 0.5), first_pruned_layer=2, reselect_every=2,
+                                 **fields)
+    vidprune.apply(pipe, config)
+    pruner, needed = pruner_of(pipe.transformer), []
+    assert pruner.lead is not None and pruner.lead.end == 1
+    monkeypatch.setattr(pruner, "check_memory_fits", lambda current: needed.append(pruner.memory_needed(current)))
+    run(pipe, "t2v", num_inference_steps=6)
+    assert needed == [vidprune.stats(pipe).memory_bytes]
+    vidprune.remove(pipe)

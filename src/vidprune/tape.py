@@ -282,20 +282,29 @@ class TapePruner(TokenPruner):
         config = self.config
         if not hidden_states.is_cuda or (config.cache != "block" and config.context != "full"):
             return
-        adapter, transformer = self.adapter, self.transformer
+        refuse_without_room(config, self.memory_needed(current), torch.cuda.mem_get_info(hidden_states.device)[0],
+                            current.grid.size, str(hidden_states.device))
+
+    def memory_needed(self, current: ForwardState) -> int:
+        """The bytes the spans' memories will hold in this call (refresh.memory_estimate). The
+        lead span (with reuse steps) holds one residual per branch and nothing else: it never
+        selects, so it needs no history and no context rows."""
+        hidden_states = current.inputs["hidden_states"]
+        config, adapter, transformer = self.config, self.adapter, self.transformer
+        pruned = [span for span in self.spans if span != self.lead]
+        tokens = current.grid.size if current.shard is None else current.shard.size
+        branches = 1 if adapter.guidance_batched else 2  # batched CFG: both branches are in the batch
         # (the families without the block cache have no branch_modules; the count is used for it alone)
         branch_modules = len(adapter.branch_modules(adapter.blocks(transformer)[0])) if config.cache == "block" else 0
         needed = memory_estimate(
-            config.cache, config.refreshes, len(self.spans), sum(s.end - s.start + 1 for s in self.spans),
-            current.grid.size if current.shard is None else current.shard.size, adapter.hidden_size(transformer),
-            hidden_states.element_size(),
-            branches=1 if adapter.guidance_batched else 2,  # batched CFG: both branches are in the batch
+            config.cache, config.refreshes, len(pruned), sum(s.end - s.start + 1 for s in pruned), tokens,
+            adapter.hidden_size(transformer), hidden_states.element_size(), branches=branches,
             batch=hidden_states.shape[0], branch_modules=branch_modules,
             context_keys=config.context_keys if config.context == "full" else None,
             context_float8=config.context_storage == "float8",
         )
-        refuse_without_room(config, needed, torch.cuda.mem_get_info(hidden_states.device)[0], current.grid.size,
-                            str(hidden_states.device))
+        lead_residual = hidden_states.shape[0] * tokens * adapter.hidden_size(transformer) * hidden_states.element_size()
+        return needed + (branches * lead_residual if self.lead is not None else 0)
 
     def held_bytes(self) -> int:
         return self.state.memory_bytes()
