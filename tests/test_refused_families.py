@@ -1,5 +1,5 @@
-"""Transformers vidprune refuses with a reason of their own (FramePack, Wan2.2-Animate): `apply`
-and `compile_blocks` raise, naming the model, why, and what runs instead, before changing anything."""
+"""Transformers vidprune refuses with a reason of their own (Wan2.2-Animate): `apply` and
+`compile_blocks` raise, naming the model, why, and what runs instead, before changing anything."""
 
 from __future__ import annotations
 
@@ -7,18 +7,11 @@ import re
 
 import pytest
 import torch
-from diffusers import HunyuanVideoFramepackTransformer3DModel, WanAnimateTransformer3DModel
+from diffusers import WanAnimateTransformer3DModel
 
 import vidprune
 from vidprune.adapters import UnsupportedModelError
 from vidprune.runtime import pruner_of
-
-
-def framepack() -> HunyuanVideoFramepackTransformer3DModel:
-    return HunyuanVideoFramepackTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1,
-        num_refiner_layers=1, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 6, 6), has_image_proj=True,
-        image_proj_dim=8, has_clean_x_embedder=True)
 
 
 def wan_animate() -> WanAnimateTransformer3DModel:
@@ -28,11 +21,8 @@ def wan_animate() -> WanAnimateTransformer3DModel:
 
 
 CASES = {
-    "framepack": (framepack, [r"HunyuanVideoFramepackTransformer3DModel \(FramePack, HunyuanVideoFramepackPipeline\)",
-                              "clean history latents", "loop per latent section",
-                              r"TAPE and LIP run on HunyuanVideoTransformer3DModel \(HunyuanVideoPipeline"]),
     "wan-animate": (wan_animate, [r"WanAnimateTransformer3DModel \(Wan2.2-Animate, WanAnimatePipeline\)",
-                                  "loop per video segment", "face adapter",
+                                  "face adapter", "one equal run per latent frame",
                                   r"WanVACETransformer3DModel \(WanVACEPipeline\)"]),
 }
 

@@ -3,8 +3,10 @@
 One pruner per transformer. A hook on the transformer reads each forward's inputs; hooks on
 the blocks gather the kept tokens (and their per-token inputs) at a span's first block and
 scatter the results back at its last block. Which forwards prune, which tokens they keep and
-what the pruned tokens get is the method's business (tape.py, lip.py). Per-call state lives in
-one `CallState`, shared by the transformers of a pipeline and reset at every pipeline call.
+what the pruned tokens get is the method's business (tape.py, lip.py); a selection is over the
+video's token grid, and tokens a model holds before the grid's in its blocks' hidden states (a
+prefix: FramePack's history) are computed in every span. Per-call state lives in one `CallState`,
+shared by the transformers of a pipeline and reset at every pipeline call.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .arguments import bind_arguments
 from .graphs import Graph, SpanGraphs
 from .parallel import SequenceShard, check_shard_length, is_cp_hook, shard_of
 from .stats import ForwardRecord, PruneStats, SpanRecord
-from .tokens import TokenGrid, scatter_tokens
+from .tokens import TokenGrid, scatter_tokens, with_prefix
 
 HOOK_NAME = "vidprune"
 
@@ -68,6 +70,9 @@ class ForwardState:
     tape_keep: float = 1.0  # LIP + TAPE: the share of LIP's kept tokens TAPE's spans compute
     span: OpenSpan | None = None
     shard: SequenceShard | None = None  # this rank's chunk of the tokens under context parallelism
+    # Tokens the blocks' hidden states hold before the grid's (adapter.prefix_tokens: FramePack's
+    # history): every span computes them; a method's selections and scores are over the grid's.
+    prefix: int = 0
 
 
 class CallState:
@@ -212,10 +217,11 @@ class TokenPruner:
         if shard is not None:
             self.check_parallel(shard)
         sigma = float(inputs[self.adapter.timestep_argument].max()) / self.state.num_train_timesteps
-        context = inputs.get("encoder_hidden_states")
-        record = ForwardRecord(step=None, sigma=sigma, keep=1.0, tokens=grid.size,
-                               context_tokens=context.shape[1] if context is not None else 0)
-        self.state.current = ForwardState(grid, inputs, sigma, self.state.branch_of(sigma), record, shard=shard)
+        prefix = self.adapter.prefix_tokens(self.transformer, inputs)
+        record = ForwardRecord(step=None, sigma=sigma, keep=1.0, tokens=prefix + grid.size,
+                               context_tokens=self.adapter.context_tokens(self.transformer, inputs))
+        self.state.current = ForwardState(grid, inputs, sigma, self.state.branch_of(sigma), record, shard=shard,
+                                          prefix=prefix)
         self.plan_forward(self.state.current)
 
     def end_forward(self, output: Any) -> Any:
@@ -246,7 +252,7 @@ class TokenPruner:
         inputs = bind_arguments(type(block).forward, args, kwargs)
         if layer == span.start:
             hidden_states = inputs["hidden_states"]
-            check_shard_length(current.shard, current.grid, hidden_states.shape[1])
+            check_shard_length(current.shard, current.grid, hidden_states.shape[1] - current.prefix)
             current.span = OpenSpan(span.start, hidden_states, inputs, None)
             reused = self.reuse_span(span, current.span)
             if reused is not None:  # a reuse step: nothing to score, select, gather or scatter
@@ -259,8 +265,10 @@ class TokenPruner:
             if index is not None:  # with the tokens the family always computes
                 index = self.adapter.complete_selection(self.transformer, current.inputs, index)
             recorded = index if index is not None and self.records_selections(span) else None
+            if index is not None and current.prefix:  # from grid positions to the blocks' sequence
+                index = with_prefix(index, current.prefix)
             current.record.spans.append(SpanRecord(
-                span.start, span.end, current.grid.size if index is None else index.shape[1], current.grid,
+                span.start, span.end, current.record.tokens if index is None else index.shape[1], current.grid,
                 recorded, self.attention_keys(),
             ))
             if index is not None and current.shard is not None:

@@ -12,7 +12,8 @@ from .tokens import TokenGrid
 
 @dataclass
 class SpanRecord:
-    """One span of blocks [start, end] (inclusive) run on `tokens` of `total` video tokens."""
+    """One span of blocks [start, end] (inclusive) run on `tokens` tokens (a prefix's included:
+    FramePack's history); `index`, when recorded, holds the selection's positions in `grid`."""
 
     start: int
     end: int
@@ -38,7 +39,7 @@ class ForwardRecord:
     step: int | None
     sigma: float
     keep: float
-    tokens: int
+    tokens: int  # the tokens every block runs on unpruned: the grid's and a prefix's (FramePack's history)
     context_tokens: int = 0
     spans: list[SpanRecord] = field(default_factory=list)
     shared_selection: bool = False

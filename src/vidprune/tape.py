@@ -22,27 +22,39 @@ from .tokens import TokenGrid, scatter_tokens
 
 
 class TapeState(CallState):
-    """Per-call TAPE state: the keep of every step, the last selections (for the CFG partner call), the
-    query sample and every span's memory of its tokens."""
+    """Per-call TAPE state: the query sample, and per denoising loop the keep of every step, the last
+    selections (for the CFG partner call) and every span's memory of its tokens."""
 
     def reset(self, pipeline: Any = None) -> None:
         super().reset(pipeline)
+        self._queries: dict[tuple[TokenGrid, torch.device], torch.Tensor] = {}
+        self.start_loop(None)
+
+    def start_loop(self, timesteps: Any) -> None:
+        """Fresh state for a denoising loop over the scheduler's `timesteps` (None: none yet)."""
+        self._loop_timesteps = timesteps
         self.step_sigmas: list[float] | None = None
         self.step_keeps: list[float] | None = None
         # (sigma, batch, {span start: index}) of the last forward, for its CFG partner call.
         self.last_selections: tuple[float, int, dict[int, torch.Tensor]] | None = None
-        self._queries: dict[tuple[TokenGrid, torch.device], torch.Tensor] = {}
         # (transformer, span start, guidance branch) -> what the span remembers of its tokens
         self.memory: dict[tuple[int, int, int], SpanMemory] = {}
 
     def step_and_keep(self, sigma: float, adapter: Any) -> tuple[int | None, float]:
-        """Step index within the call (None when the call's steps are unknown) and keep ratio;
-        `adapter` says where the pipeline switches transformers (their memories start empty)."""
+        """Step index within the denoising loop (None when the call's steps are unknown) and keep
+        ratio; `adapter` says where the pipeline switches transformers (their memories start empty)."""
         if self.scheduler is None:
             return None, keep_at(self.config, sigma)
-        if self.step_keeps is None:
-            # The first forward of the call: its steps are the scheduler's from this one on
+        if self.step_keeps is None or self.scheduler.timesteps is not self._loop_timesteps:
+            # The first forward of a denoising loop: the call's, or one after the pipeline set the
+            # scheduler's timesteps again (FramePack denoises each latent section so, Wan2.2-Animate
+            # each segment). Each loop gets a plan of its own, dense first steps included, and the
+            # spans' memories of another loop's latents are dropped. set_timesteps is how every
+            # diffusers pipeline starts a loop, so this needs no hook into a pipeline's own loop
+            # (watching the timestep rise would miss a loop starting no higher than the last one
+            # ended: one-step sections). Its steps are the scheduler's from this one on
             # (video-to-video starts part way down the schedule).
+            self.start_loop(self.scheduler.timesteps)
             timesteps = self.scheduler.timesteps.tolist()
             all_sigmas = [t / self.num_train_timesteps for t in timesteps]
             first = min(range(len(all_sigmas)), key=lambda i: abs(all_sigmas[i] - sigma))
@@ -111,6 +123,7 @@ class Selector:
         config refreshes."""
         config, grid, shard = self.config, current.grid, current.shard
         hidden_states = inputs["hidden_states"]
+        prefix = current.prefix  # the tokens before the grid's (FramePack's history): never selected
         # Under context parallelism every per-token term is computed on this rank's chunk and
         # gathered: all ranks score the full sequence alike and make the same selection.
         full = (lambda x: x) if shard is None else shard.gather
@@ -122,7 +135,7 @@ class Selector:
             # half is scored (the importance was a third of CogVideoX-5B's pruned forward).
             scored = conditional_half(inputs, hidden_states.shape[0]) if halved else inputs
             attention = token_scores(self.adapter, block, scored, config, queries, current.sigma, span_start, grid,
-                                     shard)
+                                     shard, prefix)
             if halved:
                 attention = attention.repeat(2, 1)
             if candidates is not None:
@@ -130,15 +143,16 @@ class Selector:
             attention = smooth_over_time(attention, grid, config.temporal_sigma, config.temporal_radius)
         scores = attention
         if config.refreshes:
-            change = full(relative_change(hidden_states, memory.compared_input)) if config.change_weight > 0 else None
+            change = (full(relative_change(hidden_states[:, prefix:], memory.compared_input[:, prefix:]))
+                      if config.change_weight > 0 else None)
             weights = (config.attention_weight, config.change_weight, config.staleness_weight)
             among = candidates.keep if candidates is not None else None
             if candidates is not None:
                 budget = budgets_among(candidates.keep, grid, keep)
             else:  # per frame (select_global keeps about as many per frame)
                 budget = torch.full((grid.frames,), kept_per_frame(grid, keep), device=hidden_states.device)
-            scores = refresh_scores(attention, change, full(memory.staleness), weights, config.refresh_every, grid,
-                                    budget, among)
+            scores = refresh_scores(attention, change, full(memory.staleness[:, prefix:]), weights, config.refresh_every,
+                                    grid, budget, among)
         if candidates is not None:
             return select_among(scores, candidates.keep, candidates.frame_counts, grid, keep)
         if shard is not None:
@@ -257,7 +271,7 @@ class TapePruner(TokenPruner):
                 and (current.span.index is not None or self.context.keys == "remembered"))
 
     def attention_keys(self) -> int | None:
-        return self.state.current.grid.size if self.context is not None else None
+        return self.state.current.record.tokens if self.context is not None else None
 
     def plan_forward(self, current: ForwardState) -> None:
         state, grid = self.state, current.grid
@@ -292,7 +306,7 @@ class TapePruner(TokenPruner):
         hidden_states = current.inputs["hidden_states"]
         config, adapter, transformer = self.config, self.adapter, self.transformer
         pruned = [span for span in self.spans if span != self.lead]
-        tokens = current.grid.size if current.shard is None else current.shard.size
+        tokens = current.record.tokens if current.shard is None else current.shard.size  # prefix included
         branches = 1 if adapter.guidance_batched else 2  # batched CFG: both branches are in the batch
         # (the families without the block cache have no branch_modules; the count is used for it alone)
         branch_modules = len(adapter.branch_modules(adapter.blocks(transformer)[0])) if config.cache == "block" else 0
@@ -419,18 +433,21 @@ class BlockCache:
 
 
 def token_scores(adapter, block: torch.nn.Module, inputs: dict[str, Any], config: TapeConfig, queries: torch.Tensor,
-                 sigma: float, span_start: int, grid: TokenGrid, shard: SequenceShard | None = None) -> torch.Tensor:
-    """(batch, tokens) importance of every token at a span's first block: attention received
-    from `queries`, or random (seeded by the step and span). With a shard, `inputs` are its
-    chunk and the importance is still over all tokens (see sharded_attention_received)."""
+                 sigma: float, span_start: int, grid: TokenGrid, shard: SequenceShard | None = None,
+                 prefix: int = 0) -> torch.Tensor:
+    """(batch, tokens) importance of every token of the grid at a span's first block: attention
+    received from `queries` (grid positions; the blocks' sequence holds `prefix` other tokens
+    first), or random (seeded by the step and span). With a shard, `inputs` are its chunk and the
+    importance is still over all tokens (see sharded_attention_received)."""
     hidden_states = inputs["hidden_states"]
     if config.importance == "random":  # drawn alike on every rank
         seed = hash((config.seed, round(sigma, 6), span_start)) % (2**31)
         return random_importance(hidden_states.shape[0], grid, seed, hidden_states.device)
     if shard is not None:
         return sharded_attention_received(adapter, block, inputs, queries, shard)
-    query, key = adapter.query_key(block, inputs, queries)
-    return attention_received(query, key)
+    query, key = adapter.query_key(block, inputs, queries + prefix)
+    # The prefix's keys share each query's softmax, as in the model; only the grid's scores count.
+    return attention_received(query, key)[:, prefix:]
 
 
 def sharded_attention_received(adapter, block: torch.nn.Module, inputs: dict[str, Any], queries: torch.Tensor,

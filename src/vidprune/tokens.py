@@ -47,6 +47,13 @@ def scatter_tokens(full: torch.Tensor, index: torch.Tensor, kept: torch.Tensor) 
     return full.scatter(1, expanded, kept.to(full.dtype))
 
 
+def with_prefix(index: torch.Tensor, prefix: int) -> torch.Tensor:
+    """A sorted grid selection (batch or 1, kept) as positions in a sequence that holds `prefix`
+    other tokens before the grid's, those first: (batch or 1, prefix + kept), still sorted."""
+    leading = torch.arange(prefix, device=index.device).expand(index.shape[0], -1)
+    return torch.cat([leading, index + prefix], dim=1)
+
+
 def patches(latents: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
     """(B, C, F, H, W) latents -> (B, F', H', W', C * pt * ph * pw): the values of each token."""
     b, c, f, h, w = latents.shape

@@ -7,12 +7,13 @@ import torch
 from .base import Adapter
 from .cogvideox import CogVideoXAdapter
 from .hunyuan import HunyuanVideoAdapter
+from .hunyuan_framepack import HunyuanVideoFramepackAdapter
 from .ltx import LTXAdapter
 from .wan import WanAdapter
 from .wan_vace import WanVACEAdapter
 
 ADAPTERS: tuple[Adapter, ...] = (WanAdapter(), LTXAdapter(), CogVideoXAdapter(), HunyuanVideoAdapter(),
-                                 WanVACEAdapter())
+                                 HunyuanVideoFramepackAdapter(), WanVACEAdapter())
 
 
 class UnsupportedModelError(TypeError):
@@ -21,20 +22,12 @@ class UnsupportedModelError(TypeError):
 
 # Transformer classes vidprune refuses for a reason of their own, by class name (an older diffusers
 # may not have them): the reason, and what runs instead, follow "vidprune does not support NAME".
-_ONE_LOOP = ("inside one call, while vidprune's per-call state (the step plan, the spans' token caches) holds one "
-             "denoising loop")
 REFUSED = {
-    "HunyuanVideoFramepackTransformer3DModel": (
-        "(FramePack, HunyuanVideoFramepackPipeline): every block runs the clean history latents (at 1x, 2x and 4x "
-        "compression) as tokens before the video tokens, which vidprune's spans cannot keep apart as context (they "
-        "select over the whole sequence), and the pipeline runs a denoising loop per latent section " + _ONE_LOOP
-        + ". On HunyuanVideo, TAPE and LIP run on HunyuanVideoTransformer3DModel (HunyuanVideoPipeline, "
-        "HunyuanVideoImageToVideoPipeline)"),
     "WanAnimateTransformer3DModel": (
-        "(Wan2.2-Animate, WanAnimatePipeline): the pipeline runs a denoising loop per video segment " + _ONE_LOOP
-        + ", and the face adapter after every 5th block splits the tokens it gets into one equal run per latent "
-        "frame. On Wan, TAPE runs on WanTransformer3DModel (WanPipeline, WanImageToVideoPipeline, "
-        "WanVideoToVideoPipeline; LIP there too) and WanVACETransformer3DModel (WanVACEPipeline)"),
+        "(Wan2.2-Animate, WanAnimatePipeline): the face adapter after every 5th block splits the tokens it gets into "
+        "one equal run per latent frame, which a span's kept tokens are not. On Wan, TAPE runs on "
+        "WanTransformer3DModel (WanPipeline, WanImageToVideoPipeline, WanVideoToVideoPipeline; LIP there too) and "
+        "WanVACETransformer3DModel (WanVACEPipeline)"),
 }
 
 

@@ -128,6 +128,18 @@ class Adapter:
         _, _, frames, height, width = inputs["hidden_states"].shape
         return TokenGrid(frames // p_t, height // p_h, width // p_w)
 
+    def prefix_tokens(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> int:
+        """How many tokens the blocks' hidden states hold before the token grid's in a forward
+        with arguments `inputs` (FramePack's history latents): context that every span computes
+        whole, outside any selection, as the family's model lays them out: 0 by default."""
+        return 0
+
+    def context_tokens(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> int:
+        """How many conditioning tokens (text, and what the model adds to them) the blocks attend
+        to besides the video, for the FLOPs estimate: by default the `encoder_hidden_states`'."""
+        context = inputs.get("encoder_hidden_states")
+        return context.shape[1] if context is not None else 0
+
     def model_starts(self, pipeline: Any, timesteps: list[float]) -> list[int]:
         """Indices of the steps (of a call running `timesteps`) at which the pipeline hands
         denoising to another of its transformers; none by default."""

@@ -218,8 +218,9 @@ class HunyuanVideoAdapter(Adapter):
         mask = inputs["attention_mask"]
         gathered = {
             "hidden_states": gather_tokens(inputs["hidden_states"], index),
-            # video part gathered with the kept tokens, text part (its padding) kept
-            "attention_mask": torch.cat([mask[..., kept], mask[..., tokens:]], dim=-1),
+            # video part gathered with the kept tokens, text part (its padding) kept; None (FramePack
+            # at batch 1, the text trimmed to its unpadded length) stays None
+            "attention_mask": None if mask is None else torch.cat([mask[..., kept], mask[..., tokens:]], dim=-1),
         }
         # Under both names: a span may run from the dual-stream into the single-stream blocks.
         # Eagerly the runtime hands each block those among its own arguments; inside a CUDA
