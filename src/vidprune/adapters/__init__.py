@@ -34,7 +34,8 @@ REFUSED = {
         "(Wan2.2-Animate, WanAnimatePipeline): the pipeline runs a denoising loop per video segment " + _ONE_LOOP
         + ", and the face adapter after every 5th block splits the tokens it gets into one equal run per latent "
         "frame. On Wan, TAPE runs on WanTransformer3DModel (WanPipeline, WanImageToVideoPipeline, "
-        "WanVideoToVideoPipeline; LIP there too) and WanVACETransformer3DModel (WanVACEPipeline)"),
+        "WanVideoToVideoPipeline) and WanVACETransformer3DModel (WanVACEPipeline), and LIP on WanVideoToVideoPipeline "
+        "and WanVACEPipeline"),
 }
 
 
