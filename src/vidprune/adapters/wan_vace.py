@@ -146,7 +146,7 @@ class _ControlBlockHook(ModelHook):
 
 class WanVACEAdapter(WanAdapter):
     model_classes = (WanVACETransformer3DModel,)
-    video_to_video_pipelines = ()
+    video_to_video_pipelines = ("WanVACEPipeline",)  # LIP's source: the control latents (`lip_keep_mask`)
     text_to_video_pipelines = ()  # from Python: the CLI's generate does not pass control videos
     lip_source_in_forward = True
     supports_block_cache = False
