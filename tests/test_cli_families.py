@@ -20,6 +20,8 @@ from diffusers import (
     UniPCMultistepScheduler,
     WanPipeline,
     WanTransformer3DModel,
+    WanVACEPipeline,
+    WanVACETransformer3DModel,
 )
 
 from vidprune.bench import benchmark_shape, build_transformer
@@ -139,7 +141,8 @@ def test_edit_refuses_families_without_lip_before_loading(folders, name, tmp_pat
     code, _, err = run(["edit", str(tmp_path / "in.mp4"), "--prompt", "x", "--model", str(folders[name]), "-o",
                         str(tmp_path / "out.mp4"), "--steps", "3", "--device", "cpu"], capsys)
     assert code == 2 and f"is a {name}: vidprune edit runs LIP, which is implemented for the pipelines " in err
-    assert "WanPipeline, WanVideoToVideoPipeline, CogVideoXPipeline, CogVideoXVideoToVideoPipeline only" in err
+    assert ("WanPipeline, WanVideoToVideoPipeline, CogVideoXPipeline, CogVideoXVideoToVideoPipeline, WanVACEPipeline "
+            "only") in err
     assert "LTXPipeline" in err  # generate's list
 
 
@@ -191,6 +194,35 @@ def test_edit_runs_lip_on_a_cogvideox_pipeline_folder(folders, tmp_path, capsys)
     assert "(CogVideoXPipeline)" in out and "tokens pruned:" in out
     frames = imageio.mimread(output)
     assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
+
+
+def test_edit_runs_lip_on_a_wan_vace_folder_where_the_mask_keeps_the_source(tmp_path, capsys):
+    """A WanVACEPipeline folder: edit passes the video and --mask; the still right half, which the
+    mask keeps, is pruned. Without --mask (every pixel regenerated) it is refused before the call."""
+    from PIL import Image
+
+    tokenizer, encoder = load_text_encoder()
+    torch.manual_seed(0)
+    config = dict(benchmark_shape("wan-vace-tiny")[1].config, text_dim=encoder.config.hidden_size)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    WanVACEPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, scheduler=scheduler,
+                    transformer=WanVACETransformer3DModel(**config).eval()).save_pretrained(tmp_path / "vace")
+    still = Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    left = Image.fromarray(np.tile((np.arange(128) < 64).astype(np.uint8)[None, :, None] * 255, (128, 1, 3)))
+    for name, frame in (("video", still), ("mask", left)):
+        (tmp_path / name).mkdir()
+        for i in range(9):
+            frame.save(tmp_path / name / f"{i:02d}.png")
+    command = ["edit", str(tmp_path / "video"), "--prompt", "a red ball", "--model", str(tmp_path / "vace"), "--steps",
+               "2", "--method", "lip-noar", "--tau", "0.05", "-o", str(tmp_path / "out.mp4"), "--device", "cpu"]
+    code, out, err = run([*command, "--mask", str(tmp_path / "mask")], capsys)
+    assert code == 0, err
+    assert "(WanVACEPipeline)" in out and f"mask {tmp_path / 'mask'}" in out
+    assert float(re.search(r"tokens pruned: ([\d.]+)%", out).group(1)) > 0, out
+    code, _, err = run([*command, "--overwrite"], capsys)
+    assert code == 2 and "with no mask it regenerates every pixel: give --mask VIDEO" in err
 
 
 def test_calibrate_writes_profiles_that_generate_takes(folders, tmp_path, capsys):

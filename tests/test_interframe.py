@@ -197,6 +197,24 @@ def test_target_prune_on_the_full_pipeline_and_out_of_reach():
     assert prune_report(most).overall.item() <= 5 / 6
 
 
+def test_forced_tokens_count_as_motion_from_the_dilation_on():
+    """A forced token of a still video is kept, also as an isolated speck the clean-up would drop,
+    and the dilation grows it like motion, frame 0's into frame 1; a fitted tau keeps them too."""
+    latents = static_video(frames=6, tokens=12)
+    forced = torch.zeros(1, 6, 12, 12, dtype=torch.bool)
+    forced[0, 3, 6, 6] = forced[0, 0, 1, 1] = True
+    expected = dilate(forced)
+    expected[:, 0] = True
+    assert torch.equal(keep_mask(latents, PATCH, LipDetection(), forced), expected)
+    undilated = forced.clone()
+    undilated[:, 0] = True
+    assert torch.equal(keep_mask(latents, PATCH, replace(RAW, cleanup=True), forced), undilated)
+    fitted = keep_mask(graded_video(), PATCH, replace(RAW, target_prune=0.45), forced)
+    assert not (forced & ~fitted).any() and abs(prune_report(fitted).overall.item() - 0.45) <= 1 / 144
+    with pytest.raises(ValueError, match=r"forced=.*bool tensor \(1, 6, 12, 12\)"):
+        keep_mask(latents, PATCH, forced=forced[:, :5])
+
+
 def test_prune_report_counts_per_frame():
     mask = torch.ones(1, 3, 2, 2, dtype=torch.bool)
     mask[0, 1, 0, 0] = False

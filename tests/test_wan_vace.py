@@ -1,6 +1,7 @@
-"""TAPE on Wan2.1-VACE: a tiny random WanVACETransformer3DModel (6 main layers, control blocks
-whose hints land after layers 0, 2 and 4) in a WanVACEPipeline with a tiny random VAE (the
-adapter's benchmark pipeline), called with prompt embeddings and output_type="latent", and bare."""
+"""TAPE on Wan2.1-VACE (LIP: test_wan_vace_lip.py): a tiny random WanVACETransformer3DModel (6
+main layers, control blocks whose hints land after layers 0, 2 and 4) in a WanVACEPipeline with a
+tiny random VAE (the adapter's benchmark pipeline), called with prompt embeddings and
+output_type="latent", and bare."""
 
 from __future__ import annotations
 
@@ -254,16 +255,15 @@ def test_control_blocks_flops_are_counted_unpruned():
         model, TOKENS, TEXT)
 
 
-def test_lip_block_cache_and_cuda_graphs_are_refused_before_anything_changes(pipe):
-    with pytest.raises(ValueError, match="LIP is not supported on WanVACETransformer3DModel"):
-        vidprune.apply(pipe, vidprune.LipConfig(mask=torch.ones(FRAMES, 4, 4, dtype=torch.bool)))
+def test_block_cache_and_cuda_graphs_are_refused_before_anything_changes(pipe):
     with pytest.raises(ValueError, match=r"cache='block'\) is not supported on WanVACETransformer3DModel"):
         vidprune.apply(pipe, vidprune.TapeConfig(budget="even", keep=0.5, cache="block"))
     assert pruner_of(pipe.transformer) is None and not any(hooked_control_blocks(pipe.transformer))
     model = tiny_vace()
     setattr(model, _GRAPHS_ATTRIBUTE, lambda: EagerReplayGraph)  # as compile_blocks(graphs=True) marks it
-    with pytest.raises(ValueError, match="graphs=True\\) does not support WanVACETransformer3DModel"):
-        vidprune.apply(model, vidprune.TapeConfig.paper(keep=0.5))
+    for config in (vidprune.TapeConfig.paper(keep=0.5), vidprune.LipConfig()):
+        with pytest.raises(ValueError, match="graphs=True\\) does not support WanVACETransformer3DModel"):
+            vidprune.apply(model, config)
     assert pruner_of(model) is None
 
 

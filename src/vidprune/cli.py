@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 import torch
 
@@ -152,6 +153,29 @@ def source_video(path: str, max_frames: int | None, height: int | None, width: i
     return [Image.fromarray(frame) for frame in frames[:usable]], height, width
 
 
+def edit_source(pipe: Any, video: list, mask_path: str | None, strength: float) -> dict:
+    """The edit call's source arguments. A pipeline whose call takes a mask (WanVACEPipeline)
+    regenerates where the mask is set and reproduces the video elsewhere, where LIP prunes (with
+    no mask it regenerates every pixel, and LIP would prune nothing): it needs --mask. The others
+    noise the whole video by --strength."""
+    from PIL import Image
+
+    name = type(pipe).__name__
+    if "mask" not in inspect.signature(type(pipe).__call__).parameters:
+        if mask_path is not None:
+            raise ValueError(f"--mask is for a pipeline that takes a mask (WanVACEPipeline); {name} edits the whole "
+                             "video by --strength: leave --mask out")
+        return dict(video=video, strength=strength)
+    if mask_path is None:
+        raise ValueError(f"{name} regenerates what its mask covers and keeps the rest, where LIP prunes; with no mask "
+                         "it regenerates every pixel: give --mask VIDEO (white where the edit goes, black where the "
+                         "source stays)")
+    mask = [Image.fromarray(frame) for frame in read_video(mask_path, len(video))]
+    if len(mask) != len(video):
+        raise ValueError(f"--mask has {len(mask)} frames and the video is edited on {len(video)}: give a mask as long")
+    return dict(video=video, mask=mask, num_frames=len(video))  # its num_frames would default to 81
+
+
 def edit(args: argparse.Namespace) -> None:
     device, dtype = _device(args.device)
     check_output_path(args.output, args.overwrite)
@@ -160,8 +184,10 @@ def edit(args: argparse.Namespace) -> None:
     config = None if args.method == "none" else LipConfig(detection=detection, recovery=args.method != "lip-noar",
                                                           tape=tape)
     settings = call_settings(args)
-    check_edit_steps(settings["num_inference_steps"], args.strength)
-    check_budget(tape, int(settings["num_inference_steps"] * args.strength))
+    steps = settings["num_inference_steps"]
+    if args.mask is None:  # a masked edit (VACE) runs every step; --strength is not used
+        check_edit_steps(steps, args.strength)
+    check_budget(tape, steps if args.mask else int(steps * args.strength))
     if args.model is not None and folder_pipeline_class(args.model) is not None:  # before the video is read
         check_pipeline_class(folder_pipeline_class(args.model), args.model, video_to_video=True)
     if args.model is None:
@@ -170,18 +196,20 @@ def edit(args: argparse.Namespace) -> None:
     if args.model is None:
         warn_untrained_size(len(video), height, width)
     pipe = load_pipeline(args.model, device, dtype, video_to_video=True)
+    source = edit_source(pipe, video, args.mask, args.strength)
 
     def run() -> tuple[object, float]:
         started = time.perf_counter()
         frames = pipe(
-            prompt=args.prompt, video=video, height=height, width=width, strength=args.strength,
-            generator=torch.Generator(device).manual_seed(args.seed), output_type="np", **settings,
+            prompt=args.prompt, height=height, width=width, generator=torch.Generator(device).manual_seed(args.seed),
+            output_type="np", **source, **settings,
         ).frames[0]
         return frames, time.perf_counter() - started
 
     if config is not None:
         apply(pipe, config)
-    print(f"method: {args.method}, {len(video)} frames at {width}x{height}, strength {args.strength}")
+    print(f"method: {args.method}, {len(video)} frames at {width}x{height}, "
+          + (f"mask {args.mask}" if args.mask else f"strength {args.strength}"))
     print(f"encoding {len(video)} frames, then denoising...")
     frames, elapsed = run()
     if config is not None:
@@ -269,7 +297,7 @@ def usual_video(adapter: Adapter | None) -> tuple[int, int, int]:
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=model_name,
                         help="local folder or hub id of a diffusers pipeline: " + ", ".join(supported_pipelines())
-                        + " (edit: Wan's; default: the demo pipeline)")
+                        + " (edit: Wan's, CogVideoX's or WanVACEPipeline; default: the demo pipeline)")
     parser.add_argument("--steps", type=POSITIVE, help="denoising steps (default: the demo model's 25, else 25)")
     parser.add_argument("--guidance", type=NON_NEGATIVE, default=5.0, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=SEED, default=0)
@@ -322,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--keep", type=FRACTION, default=0.5,
                     help="lip-tape: the share of LIP's kept tokens TAPE keeps, mean over the steps (default 0.5)")
     ed.add_argument("--strength", type=FRACTION, default=0.7, help="how far to noise the source (0, 1]")
+    ed.add_argument("--mask", help="WanVACEPipeline: a mask video (white: regenerate, black: keep the source), "
+                    "which such an edit needs; instead of --strength")
     ed.add_argument("--tau", type=NON_NEGATIVE, default=LipDetection.tau,
                     help="a token is computed where its latent distance to the previous frame exceeds tau")
     ed.add_argument("--target-prune", type=OPEN_FRACTION,

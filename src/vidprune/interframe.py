@@ -193,16 +193,20 @@ def _scores(tokens: torch.Tensor, detection: LipDetection) -> torch.Tensor:
     return scores
 
 
-def _mask_at(tokens: torch.Tensor, scores: torch.Tensor, tau: float, detection: LipDetection) -> torch.Tensor:
+def _mask_at(tokens: torch.Tensor, scores: torch.Tensor, tau: float, detection: LipDetection,
+             forced: torch.Tensor | None) -> torch.Tensor:
     """The keep mask for one tau, given the tau-independent scores."""
-    # Clean-up and dilation run on frames 1.. only: frame 0 is a forced keep, not a detection,
-    # and the time dilation would otherwise mark all of frame 1 as kept.
+    # Frame 0 is kept, not detected: it enters the dilation as still (kept, the time dilation
+    # would mark all of frame 1 as kept). Forced tokens, frame 0's too, count as motion from the
+    # dilation on (the clean-up, which drops specks, would drop some).
     moving = scores > tau
     if detection.cleanup:
         moving = clean_mask(moving)
-    if detection.dilate:
-        moving = dilate(moving)
-    mask = torch.cat([torch.ones_like(moving[:, :1]), moving], dim=1)
+    moving = torch.cat([torch.zeros_like(moving[:, :1]), moving], dim=1)
+    if forced is not None:
+        moving = moving | forced
+    mask = dilate(moving) if detection.dilate else moving
+    mask[:, 0] = True
     # The drift bound comes last so that it holds on the final mask: every pruned token is within
     # tau2 of its last computed occurrence. Run before the clean-up, the median vote or the
     # opening could drop the very tokens it kept. The tokens it adds are not dilated.
@@ -215,22 +219,23 @@ def _pruned(mask: torch.Tensor) -> float:
     return 1.0 - mask.float().mean().item()
 
 
-def _fit_one(tokens: torch.Tensor, scores: torch.Tensor, detection: LipDetection) -> tuple[float, torch.Tensor]:
+def _fit_one(tokens: torch.Tensor, scores: torch.Tensor, detection: LipDetection,
+             forced: torch.Tensor | None) -> tuple[float, torch.Tensor]:
     """Bisection on tau for one video. The prune ratio grows with tau, though not strictly (the
     drift bound depends on earlier decisions), so the closest mask seen is returned."""
     target = detection.target_prune
     tolerance = 1.0 / (tokens.shape[2] * tokens.shape[3])  # one token per frame, over all tokens
     low, high = 0.0, scores.max().item()
-    highest = _mask_at(tokens, scores, high, detection)
+    highest = _mask_at(tokens, scores, high, detection, forced)
     if _pruned(highest) <= target:  # the most this video can prune (only frame 0 and drift kept)
         return high, highest
-    lowest = _mask_at(tokens, scores, low, detection)
+    lowest = _mask_at(tokens, scores, low, detection, forced)
     if _pruned(lowest) >= target:
         return low, lowest
     best = min((high, highest), (low, lowest), key=lambda fit: abs(_pruned(fit[1]) - target))
     for _ in range(BISECTION_STEPS):
         tau = (low + high) / 2
-        mask = _mask_at(tokens, scores, tau, detection)
+        mask = _mask_at(tokens, scores, tau, detection, forced)
         pruned = _pruned(mask)
         if abs(pruned - target) < abs(_pruned(best[1]) - target):
             best = (tau, mask)
@@ -240,26 +245,42 @@ def _fit_one(tokens: torch.Tensor, scores: torch.Tensor, detection: LipDetection
     return best
 
 
+def _tokens(latents: torch.Tensor, patch_size: PatchSize, forced: torch.Tensor | None) -> torch.Tensor:
+    """`patchify`, with `forced` checked against the token grid."""
+    tokens = patchify(latents, patch_size)
+    if forced is not None and (forced.dtype != torch.bool or forced.shape != tokens.shape[:4]):
+        fail("forced", f"a {forced.dtype} tensor {tuple(forced.shape)}",
+             f"None or a bool tensor {tuple(tokens.shape[:4])} over the token grid")
+    return tokens
+
+
 def fit_tau(
-    latents: torch.Tensor, patch_size: PatchSize, detection: LipDetection
+    latents: torch.Tensor, patch_size: PatchSize, detection: LipDetection, forced: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The tau per video (B,) that prunes `detection.target_prune` of its tokens, within one
-    token per frame where the mask allows it, and the keep mask at that tau (B, F', H', W')."""
+    token per frame where the mask allows it, and the keep mask at that tau (B, F', H', W');
+    `forced` as in `keep_mask`."""
     if detection.target_prune is None:
         fail("target_prune", None, "a number in [0, 1) to fit tau to")
-    tokens = patchify(latents, patch_size)
+    tokens = _tokens(latents, patch_size, forced)
     scores = _scores(tokens, detection)
-    fits = [_fit_one(tokens[i : i + 1], scores[i : i + 1], detection) for i in range(tokens.shape[0])]
+    fits = [_fit_one(tokens[i : i + 1], scores[i : i + 1], detection, None if forced is None else forced[i : i + 1])
+            for i in range(tokens.shape[0])]
     return torch.tensor([tau for tau, _ in fits]), torch.cat([mask for _, mask in fits])
 
 
-def keep_mask(latents: torch.Tensor, patch_size: PatchSize, detection: LipDetection = LipDetection()) -> torch.Tensor:
+def keep_mask(latents: torch.Tensor, patch_size: PatchSize, detection: LipDetection = LipDetection(),
+              forced: torch.Tensor | None = None) -> torch.Tensor:
     """LIP's keep mask (B, F', H', W') for clean source latents (B, C, F, H, W): True = compute
-    the token, False = copy it from its last computed occurrence (`reference_index`)."""
+    the token, False = copy it from its last computed occurrence (`reference_index`).
+
+    forced: (B, F', H', W') bool, tokens to compute whatever their change (VACE's generated
+    region): they count as detected motion, so the dilation grows them and the drift bound
+    measures from them."""
     if detection.target_prune is not None:
-        return fit_tau(latents, patch_size, detection)[1]
-    tokens = patchify(latents, patch_size)
-    return _mask_at(tokens, _scores(tokens, detection), detection.tau, detection)
+        return fit_tau(latents, patch_size, detection, forced)[1]
+    tokens = _tokens(latents, patch_size, forced)
+    return _mask_at(tokens, _scores(tokens, detection), detection.tau, detection, forced)
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,10 @@ The mask comes from the clean source latents of a video-to-video pipeline call (
 video_to_video_pipelines): while the call runs, the pipeline's VAE encoder is watched and its
 output (the mode of the latent distribution: noise-free, also where the pipeline samples it)
 normalised as the adapter says the pipeline does. Or from LipConfig(source_latents=...) or
-LipConfig(mask=...). LIP works on latents (batch, channels, frames, height, width); the adapter
-converts a model whose latents are laid out otherwise.
+LipConfig(mask=...), or, for a family whose forwards carry the source video (VACE's control
+latents), from the forward's inputs (`Adapter.lip_keep_mask`). The tokens the family computes in
+every span (`Adapter.complete_selection`) join the mask. LIP works on latents (batch, channels,
+frames, height, width); the adapter converts a model whose latents are laid out otherwise.
 """
 
 from __future__ import annotations
@@ -183,16 +185,18 @@ class LipPruner(TokenPruner):
 
     def select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor:
         current, lip_mask = self.state.current, self.state.lip_mask
-        index = lip_mask.index if span.start < self.first_tape_layer else self._tape_select(block, inputs, span)
+        selected = lip_mask.index if span.start < self.first_tape_layer else self._tape_select(block, inputs, span)
+        # With the tokens the family always computes (LIP's mask has them): the keys below are the span's.
+        index = self.adapter.complete_selection(self.transformer, current.inputs, selected)
         if self.config.recovery and index is lip_mask.index:
             current.span.recovery_keys = lip_mask.keys
         elif self.config.recovery:
             # The CFG partner call reuses the selection (the same tensor), so it reuses its keys too.
             cached = self.state.tape_keys.get(span.start)
-            if cached is None or cached[0] is not index:
+            if cached is None or cached[0] is not selected:
                 computed = torch.zeros_like(lip_mask.computed).index_fill_(0, index[0], True)
                 keys = recovery_keys(computed, lip_mask.reference, current.grid, self.config.duplicates)
-                cached = self.state.tape_keys[span.start] = (index, keys)
+                cached = self.state.tape_keys[span.start] = (selected, keys)
             current.span.recovery_keys = cached[1]
         return index
 
@@ -261,15 +265,24 @@ class LipPruner(TokenPruner):
     # -- helpers ------------------------------------------------------------------------
     def _lip_mask(self, current: ForwardState) -> LipMask:
         state, grid = self.state, current.grid
-        if state.lip_mask is not None and state.lip_mask.computed.shape[0] == grid.size:
+        # A mask from the forward's inputs is the call's (its pipeline passes the same ones at every
+        # step); a bare transformer's forwards stand alone.
+        from_inputs = self.config.mask is None and self.adapter.lip_source_in_forward
+        if (state.lip_mask is not None and state.lip_mask.computed.shape[0] == grid.size
+                and (state.in_call or not from_inputs)):
             return state.lip_mask
         noisy = self.adapter.noisy_latents(self.transformer, current.inputs)
         patch = self.adapter.patch_size(self.transformer)
         if any(size % p for size, p in zip(noisy.shape[2:], patch)):
             raise ValueError(f"LIP needs latent (frames, height, width) divisible by the patch size {patch}; this call's "
                              f"latents are {tuple(noisy.shape[2:])}: choose a video size whose latents divide evenly")
-        mask = self._mask(grid, noisy).to(noisy.device)
-        keep = mask.any(dim=0).flatten()  # a token is computed if any video of the batch needs it
+        if from_inputs:
+            mask = self.adapter.lip_keep_mask(self.transformer, current.inputs, self.config.detection)
+        else:
+            mask = self._mask(grid, noisy)
+        keep = mask.to(noisy.device).any(dim=0).flatten()  # a token is computed if any video of the batch needs it
+        index = self.adapter.complete_selection(self.transformer, current.inputs, keep.nonzero().view(1, -1))
+        keep = torch.zeros_like(keep).index_fill_(0, index[0], True)
         reference = self._reference(keep, grid)
         if current.shard is not None:  # equal kept counts per rank: attention exchanges equal chunks
             keep = balance_keep(keep, reference, grid, current.shard.world)
@@ -277,6 +290,7 @@ class LipPruner(TokenPruner):
         keys = recovery_keys(keep, reference, grid, self.config.duplicates) if self.config.recovery else None
         counts = tuple(keep.view(grid.frames, -1).sum(dim=1).tolist())
         state.lip_mask = LipMask(keep, keep.nonzero().view(1, -1), reference, keys, counts)
+        state.candidates = None  # TAPE's candidates are LIP's kept tokens
         return state.lip_mask
 
     @staticmethod

@@ -86,7 +86,11 @@ def _check_target(target: Any, config: TapeConfig | LipConfig) -> list[torch.nn.
     if isinstance(config, LipConfig) and not all(adapter.supports_lip for adapter in adapters):
         name = next(type(t).__name__ for t, a in zip(transformers, adapters) if not a.supports_lip)
         raise ValueError(f"LIP is not supported on {name} yet; TAPE (vidprune.TapeConfig) is")
-    if isinstance(config, LipConfig) and config.mask is None and config.source_latents is None:
+    if isinstance(config, LipConfig):
+        for adapter in adapters:
+            adapter.check_lip(config)
+    if (isinstance(config, LipConfig) and config.mask is None and config.source_latents is None
+            and not adapters[0].lip_source_in_forward):
         editing = adapters[0].video_to_video_pipelines
         if not _is_pipeline(target) or type(target).__name__ not in editing:
             # A family with no video-to-video pipeline in diffusers (LTX) takes the source as latents only.

@@ -26,8 +26,8 @@ REFUSED = {
     "WanAnimateTransformer3DModel": (
         "(Wan2.2-Animate, WanAnimatePipeline): the face adapter after every 5th block splits the tokens it gets into "
         "one equal run per latent frame, which a span's kept tokens are not. On Wan, TAPE runs on "
-        "WanTransformer3DModel (WanPipeline, WanImageToVideoPipeline, WanVideoToVideoPipeline; LIP there too) and "
-        "WanVACETransformer3DModel (WanVACEPipeline)"),
+        "WanTransformer3DModel (WanPipeline, WanImageToVideoPipeline, WanVideoToVideoPipeline) and "
+        "WanVACETransformer3DModel (WanVACEPipeline), and LIP on WanVideoToVideoPipeline and WanVACEPipeline"),
 }
 
 

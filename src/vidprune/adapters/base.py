@@ -54,6 +54,10 @@ class Adapter:
     video_to_video_pipelines: tuple[str, ...] = ()
     #: whether LIP (noisy_latents, with_noisy_latents, recovery_processor) is implemented
     supports_lip: bool = True
+    #: whether every forward carries the source video LIP prunes against among its own inputs
+    #: (VACE's control latents): then `lip_keep_mask` gives LIP's mask, in a pipeline call or on
+    #: a bare transformer, and LIP asks the pipeline and the config for no source video
+    lip_source_in_forward: bool = False
     #: whether the family's pipelines run both CFG branches in one forward, batched as
     #: [unconditional; conditional] halves (True), or call the transformer once per branch
     guidance_batched: bool = False
@@ -168,6 +172,16 @@ class Adapter:
         normalise them before adding noise."""
         raise NotImplementedError
 
+    def lip_keep_mask(self, transformer: torch.nn.Module, inputs: dict[str, Any], detection: Any) -> torch.Tensor:
+        """With `lip_source_in_forward`: LIP's keep mask (batch, frames, height, width) over the
+        token grid, True = computed, frame 0 all True, from a forward's arguments by name and the
+        config's LipDetection."""
+        raise NotImplementedError
+
+    def check_lip(self, config: Any) -> None:
+        """Raise ValueError, naming what is accepted, for a LipConfig this family's LIP cannot
+        run (checked by `apply`, before anything changes); nothing by default."""
+
     def x0_coefficients(self, scheduler: Any, timestep: float, sigma: float) -> tuple[float, float]:
         """(a, b) with which a forward's output o at noisy latents x_t gives the clean-sample
         estimate x0 = a * x_t - b * o. `timestep` is the forward's, sigma = timestep /
@@ -251,7 +265,8 @@ class Adapter:
                            index: torch.Tensor) -> torch.Tensor:
         """The tokens a span computes, from a method's sorted selection `index` (batch or 1, kept)
         and the forward's arguments by name `inputs`: tokens the family must always compute are
-        added (VACE's reference-image frames). The selection itself by default."""
+        added (VACE's reference-image frames); LIP's keep mask gets them too. `index` itself
+        where it holds them all already (by default)."""
         return index
 
 

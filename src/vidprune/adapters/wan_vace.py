@@ -1,4 +1,4 @@
-"""diffusers WanVACETransformer3DModel (Wan2.1-VACE; Wan2.2-VACE-Fun as two experts): TAPE on WanVACEPipeline.
+"""diffusers WanVACETransformer3DModel (Wan2.1-VACE; Wan2.2-VACE-Fun as two experts): TAPE and LIP on WanVACEPipeline.
 
 The main blocks (`blocks`) are Wan's WanTransformerBlock, called as in WanTransformer3DModel,
 so the Wan adapter's per-token inputs, queries and keys hold. What VACE adds:
@@ -40,10 +40,29 @@ and the mask) are exact zeros, which a video frame's are not (where a frame's ma
 everywhere, its reactive latents are the VAE's normalised encoding of a blank frame, not zeros). TAPE's keep applies to the selection before the
 reference tokens are added, so a span's token count (`stats`) can be above it.
 
+LIP (an edit with a mask). WanVACEPipeline hands the model its source video as control latents
+(96 channels: the VAE latents of the video outside the mask, "inactive", and inside it,
+"reactive", then the mask, the 8 x 8 pixels under each latent pixel), so LIP reads its mask from
+each forward's `control_hidden_states` (`lip_keep_mask`; the pipeline's VAE calls encode the video
+in two parts and each reference image, none of them the source). A video token is pruned when its
+control latents, all 96 channels, repeat the previous latent frame's by LIP's detection
+(`interframe.keep_mask`) and the mask is zero over it and over the token before it in time: there
+the model reproduces the source, so what repeats in the control repeats in the output. Where the
+mask is set the model generates new content, which may move where the control stands still: those
+tokens count as detected motion (`keep_mask(forced=...)`: dilated, the drift bound measured from
+them), and the token after one is computed too, so no pruned token's reference (its last computed
+occurrence) is generated. mask=None sets the mask everywhere: nothing is pruned. Reference-image
+frames join every LIP mask (`complete_selection`, LipConfig(mask=...) too) and take no part in the
+detection, whose frame 0, always kept, is the first video frame. LIP's one span covers all main
+blocks, so every hint but the last block's is gathered at LIP's kept tokens; restoration and
+Attention Recovery are Wan's. With LipConfig(tape=...), TAPE's selections get the reference frames
+before their recovery keys are made. Refused: kv_source="clean" (the call generates from noise: no
+clean latents of its video for the clean pass) and source_latents (the source is the control video).
+
 Not with TAPE's cache="block" (its replay of the pruned tokens through the span's blocks would
 miss the hints added between them), compile_blocks(graphs=True) (a graphed span runs its blocks
-back to back, without the model's hint additions), LIP, or context parallelism (diffusers gives
-the model no _cp_plan): each refused with a message.
+back to back, without the model's hint additions), or context parallelism (diffusers gives the
+model no _cp_plan): each refused with a message.
 """
 
 from __future__ import annotations
@@ -55,7 +74,8 @@ from diffusers import AutoencoderKLWan, WanVACEPipeline, WanVACETransformer3DMod
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ..arguments import bind_arguments
-from ..tokens import gather_tokens
+from ..interframe import keep_mask
+from ..tokens import gather_tokens, patches
 from .base import BenchmarkShape, cross_attention_block_flops
 from .wan import _WAN_1_3B, _WAN_14B, _WAN_TINY, WanAdapter, wan_experts, wan_scheduler
 
@@ -126,9 +146,9 @@ class _ControlBlockHook(ModelHook):
 
 class WanVACEAdapter(WanAdapter):
     model_classes = (WanVACETransformer3DModel,)
-    video_to_video_pipelines = ()
+    video_to_video_pipelines = ("WanVACEPipeline",)  # LIP's source: the control latents (`lip_keep_mask`)
     text_to_video_pipelines = ()  # from Python: the CLI's generate does not pass control videos
-    supports_lip = False
+    lip_source_in_forward = True
     supports_block_cache = False
     # A pruned token's replayed state would miss the hints the control blocks add between blocks.
     supports_full_context = False
@@ -164,7 +184,7 @@ class WanVACEAdapter(WanAdapter):
                            index: torch.Tensor) -> torch.Tensor:
         grid = self.token_grid(transformer, inputs)
         reference = reference_frames(transformer, inputs["control_hidden_states"]) * grid.per_frame
-        if reference == 0:
+        if reference == 0 or bool(((index < reference).sum(dim=1) == reference).all()):  # all of them there already
             return index
         kept = torch.zeros(index.shape[0], grid.size, dtype=torch.bool, device=index.device)
         kept.scatter_(1, index, True)
@@ -175,6 +195,34 @@ class WanVACEAdapter(WanAdapter):
                              "tokens, so they cannot compute equal numbers of tokens: use TapeConfig(per_frame=True) "
                              "(the default), which keeps as many of every frame in each sample")
         return kept.nonzero()[:, 1].view(index.shape[0], -1)
+
+    def check_lip(self, config: Any) -> None:
+        if config.kv_source == "clean":
+            raise ValueError("LipConfig(kv_source='clean') is not supported on WanVACETransformer3DModel: a VACE call "
+                             "generates its video from noise, and its control latents hold the source only where the "
+                             "mask keeps it, so there are no clean latents to run the clean pass on; use "
+                             "kv_source='current' (the default)")
+        if config.source_latents is not None:
+            raise ValueError("LipConfig(source_latents=...) is not taken on WanVACETransformer3DModel: LIP reads the "
+                             "source video from each forward's control latents (control_hidden_states); give "
+                             "LipConfig() or LipConfig(mask=...)")
+
+    def lip_keep_mask(self, transformer: torch.nn.Module, inputs: dict[str, Any], detection: Any) -> torch.Tensor:
+        control, latents = inputs["control_hidden_states"], inputs["hidden_states"]
+        video_channels = 2 * transformer.config.in_channels  # the inactive and reactive video latents
+        if control.shape[2:] != latents.shape[2:] or control.shape[1] <= video_channels:
+            raise ValueError(f"LIP on WanVACETransformer3DModel reads its mask from the control latents, which must "
+                             f"cover the latents' (frames, height, width) {tuple(latents.shape[2:])} and hold a mask "
+                             f"after the {video_channels} video latent channels, as WanVACEPipeline's do; this forward's "
+                             f"are {tuple(control.shape)}")
+        patch = self.patch_size(transformer)
+        references = reference_frames(transformer, control)
+        video = control[:, :, references * patch[0]:]
+        generated = patches(video[:, video_channels:], patch).ne(0).any(dim=-1)
+        forced = generated.clone()
+        forced[:, 1:] |= generated[:, :-1]  # so that no pruned token's reference is a generated one
+        keep = keep_mask(video, patch, detection, forced)
+        return torch.cat([keep.new_ones(keep.shape[0], references, *keep.shape[2:]), keep], dim=1)
 
     def unpruned_flops(self, transformer: torch.nn.Module, tokens: int, context_tokens: int) -> float:
         """The control blocks on every token: each a Wan block plus its hint projection (dim x dim),
