@@ -198,7 +198,7 @@ def test_edit_runs_lip_on_a_cogvideox_pipeline_folder(folders, tmp_path, capsys)
 
 def test_edit_runs_lip_on_a_wan_vace_folder_where_the_mask_keeps_the_source(tmp_path, capsys):
     """A WanVACEPipeline folder: edit passes the video and --mask; the still right half, which the
-    mask keeps, is pruned. Without --mask (every pixel regenerated) it is refused before the call."""
+    mask keeps, is pruned. Without --mask (every pixel regenerated) it is refused before loading."""
     from PIL import Image
 
     tokenizer, encoder = load_text_encoder()
@@ -221,8 +221,9 @@ def test_edit_runs_lip_on_a_wan_vace_folder_where_the_mask_keeps_the_source(tmp_
     assert code == 0, err
     assert "(WanVACEPipeline)" in out and f"mask {tmp_path / 'mask'}" in out
     assert float(re.search(r"tokens pruned: ([\d.]+)%", out).group(1)) > 0, out
-    code, _, err = run([*command, "--overwrite"], capsys)
+    code, out, err = run([*command, "--overwrite"], capsys)
     assert code == 2 and "with no mask it regenerates every pixel: give --mask VIDEO" in err
+    assert "loading the model" not in out  # refused before the model loads
 
 
 def test_calibrate_writes_profiles_that_generate_takes(folders, tmp_path, capsys):

@@ -8,7 +8,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import NoReturn, Sequence
 
 import torch
 
@@ -153,15 +153,15 @@ def source_video(path: str, max_frames: int | None, height: int | None, width: i
     return [Image.fromarray(frame) for frame in frames[:usable]], height, width
 
 
-def edit_source(pipe: Any, video: list, mask_path: str | None, strength: float) -> dict:
-    """The edit call's source arguments. A pipeline whose call takes a mask (WanVACEPipeline)
-    regenerates where the mask is set and reproduces the video elsewhere, where LIP prunes (with
-    no mask it regenerates every pixel, and LIP would prune nothing): it needs --mask. The others
-    noise the whole video by --strength."""
+def edit_source(pipeline_class: type, video: list, mask_path: str | None, strength: float) -> dict:
+    """The edit call's source arguments for a pipeline of `pipeline_class`. A pipeline whose call
+    takes a mask (WanVACEPipeline) regenerates where the mask is set and reproduces the video
+    elsewhere, where LIP prunes (with no mask it regenerates every pixel, and LIP would prune
+    nothing): it needs --mask. The others noise the whole video by --strength."""
     from PIL import Image
 
-    name = type(pipe).__name__
-    if "mask" not in inspect.signature(type(pipe).__call__).parameters:
+    name = pipeline_class.__name__
+    if "mask" not in inspect.signature(pipeline_class.__call__).parameters:
         if mask_path is not None:
             raise ValueError(f"--mask is for a pipeline that takes a mask (WanVACEPipeline); {name} edits the whole "
                              "video by --strength: leave --mask out")
@@ -195,8 +195,15 @@ def edit(args: argparse.Namespace) -> None:
     video, height, width = source_video(args.input, args.max_frames, args.height, args.width)
     if args.model is None:
         warn_untrained_size(len(video), height, width)
+    # A local folder names its pipeline (the demo's is Wan's video-to-video): the mask is checked
+    # before loading; a hub id's pipeline is known once loaded.
+    import diffusers
+
+    named = "WanVideoToVideoPipeline" if args.model is None else folder_pipeline_class(args.model)
+    source = None if named is None else edit_source(getattr(diffusers, named), video, args.mask, args.strength)
     pipe = load_pipeline(args.model, device, dtype, video_to_video=True)
-    source = edit_source(pipe, video, args.mask, args.strength)
+    if source is None:
+        source = edit_source(type(pipe), video, args.mask, args.strength)
 
     def run() -> tuple[object, float]:
         started = time.perf_counter()
