@@ -28,11 +28,11 @@ class TapeState(CallState):
     def reset(self, pipeline: Any = None) -> None:
         super().reset(pipeline)
         self._queries: dict[tuple[TokenGrid, torch.device], torch.Tensor] = {}
-        self.start_loop(None)
+        self.start_loop()
 
-    def start_loop(self, timesteps: Any) -> None:
-        """Fresh state for a denoising loop over the scheduler's `timesteps` (None: none yet)."""
-        self._loop_timesteps = timesteps
+    def start_loop(self) -> None:
+        """Fresh state for a denoising loop, planned at its first forward."""
+        self._loop_timesteps: Any = None  # the scheduler's timesteps the plan was made for
         self.step_sigmas: list[float] | None = None
         self.step_keeps: list[float] | None = None
         # (sigma, batch, {span start: index}) of the last forward, for its CFG partner call.
@@ -45,7 +45,7 @@ class TapeState(CallState):
         ratio; `adapter` says where the pipeline switches transformers (their memories start empty)."""
         if self.scheduler is None:
             return None, keep_at(self.config, sigma)
-        if self.step_keeps is None or self.scheduler.timesteps is not self._loop_timesteps:
+        if self.scheduler.timesteps is not self._loop_timesteps:
             # The first forward of a denoising loop: the call's, or one after the pipeline set the
             # scheduler's timesteps again (FramePack denoises each latent section so, Wan2.2-Animate
             # each segment). Each loop gets a plan of its own, dense first steps included, and the
@@ -54,12 +54,13 @@ class TapeState(CallState):
             # (watching the timestep rise would miss a loop starting no higher than the last one
             # ended: one-step sections). Its steps are the scheduler's from this one on
             # (video-to-video starts part way down the schedule).
-            self.start_loop(self.scheduler.timesteps)
+            self.start_loop()
             timesteps = self.scheduler.timesteps.tolist()
             all_sigmas = [t / self.num_train_timesteps for t in timesteps]
             first = min(range(len(all_sigmas)), key=lambda i: abs(all_sigmas[i] - sigma))
             self.step_sigmas = all_sigmas[first:]
             self.step_keeps = plan_keeps(self.config, self.step_sigmas, adapter.model_starts(self.pipeline, timesteps[first:]))
+            self._loop_timesteps = self.scheduler.timesteps  # once planned (a refused plan is tried again)
         step = min(range(len(self.step_sigmas)), key=lambda i: abs(self.step_sigmas[i] - sigma))
         return step, self.step_keeps[step]
 
