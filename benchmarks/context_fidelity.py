@@ -103,7 +103,8 @@ def main() -> None:
 
     generate = embeds_generator(pipe, positive, negative, call, device)
 
-    batches = [evaluated[i:i + args.batch] for i in range(0, len(evaluated), args.batch or len(evaluated))]
+    size = args.batch or len(evaluated)
+    batches = [evaluated[i:i + size] for i in range(0, len(evaluated), size)]
 
     def run_all() -> tuple[dict, list[float]]:
         videos, times = {}, []

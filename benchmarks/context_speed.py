@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--shape", default="wan-1.3b", choices=("wan-1.3b", "wan-14b", "wan-tiny"))
     parser.add_argument("--device", default="cuda", help="cuda (cpu: a smoke run of the script, no memory figures)")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps of the timed call")
+    parser.add_argument("--warmup-steps", type=int, default=5, help="steps of each method's untimed call (a dense "
+                        "step, then token steps)")
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.3])
     parser.add_argument("--methods", nargs="*", help="only these (and unpatched)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/context"))
@@ -120,7 +122,7 @@ def main() -> None:
             vidprune.remove(pipe)
             if config is not None:
                 vidprune.apply(pipe, config)
-            call(5)  # warm-up: a dense step, then token steps (5 steps: any keep from 0.3 plans)
+            call(args.warmup_steps)  # warm-up: its kernels at the timed call's token counts
             timer.take()
             if cuda:
                 torch.cuda.empty_cache()

@@ -18,6 +18,8 @@ benchmark_shapes). Per model, side by side in one process:
    stacks them): its residual test means nothing on random weights, so a fixed pattern runs
    (`bench.fix_first_block_cache`: all blocks every --fbc-every steps, the first block only at
    the others).
+5. With --full-context: the same TAPE call with TapeConfig(context="full") (kept queries attend
+   over every token's keys and values), its pruned forwards and its memory.
 
 Peak memory is torch.cuda.max_memory_allocated of each part. Writes family_speed_<family>.json
 per family and one family_speed.md to --out, printing as it goes.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import statistics
 import sys
@@ -106,7 +109,7 @@ def pipeline_call(pipe: Any, call: dict, steps: int, device: str, warmup_calls: 
     finally:
         timer.remove()
     return {"forward_ms": [round(t, 3) for t in forwards], "forward_ms_mean": statistics.mean(forwards),
-            "call_s": seconds, "peak_gib": peak_gib(device), "finite_output": bool(torch.isfinite(latents).all())}
+            "call_s": seconds, "peak_gib": peak_gib(device), "finite_output": all(bool(torch.isfinite(t).all()) for t in (latents if isinstance(latents, list) else [latents]))}
 
 
 def measure(name: str, args: argparse.Namespace) -> dict:
@@ -116,6 +119,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     pipe = build_random_pipeline(name, device, dtype)
     pipe.set_progress_bar_config(disable=True)
+    sets_cache_context = "cache_context" in inspect.getsource(type(pipe).__call__)  # where FirstBlockCache keeps state
     call = adapter.benchmark_call(shape, device, dtype, torch.Generator().manual_seed(0))
     transformer = pipe.transformer
     report: dict[str, Any] = {"model": name, "source": shape.source, "notes": list(shape.notes),
@@ -148,12 +152,26 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     tape = pipeline_call(pipe, call, args.steps, device, args.warmup_calls)
     records = list(vidprune.stats(pipe).forwards)
     tape.update(mean_keep=vidprune.stats(pipe).mean_keep, token_memory_gib=vidprune.stats(pipe).memory_bytes / 2**30)
-    enable_first_block_cache(pipe, 0.0, args.fbc_every)
-    stacked = pipeline_call(pipe, call, args.steps, device, args.warmup_calls)
-    stacked["mean_keep"] = vidprune.stats(pipe).mean_keep
-    detach(pipe)
-    enable_first_block_cache(pipe, 0.0, args.fbc_every)
-    fbc = pipeline_call(pipe, call, args.steps, device, args.warmup_calls)
+    if args.full_context and adapter.supports_full_context:
+        vidprune.apply(pipe, config.with_(context="full"))
+        full = pipeline_call(pipe, call, args.steps, device, args.warmup_calls)
+        full_records = vidprune.stats(pipe).forwards
+        full.update(mean_keep=vidprune.stats(pipe).mean_keep, token_memory_gib=vidprune.stats(pipe).memory_bytes / 2**30,
+                    pruned_forward_ms_median=statistics.median(
+                        ms for ms, r in zip(full["forward_ms"], full_records) if r.keep < 1))
+        report["tape_full_context"] = full
+        vidprune.apply(pipe, config)
+    fbc = stacked = None
+    if sets_cache_context:
+        enable_first_block_cache(pipe, 0.0, args.fbc_every)
+        stacked = pipeline_call(pipe, call, args.steps, device, args.warmup_calls)
+        stacked["mean_keep"] = vidprune.stats(pipe).mean_keep
+        detach(pipe)
+        enable_first_block_cache(pipe, 0.0, args.fbc_every)
+        fbc = pipeline_call(pipe, call, args.steps, device, args.warmup_calls)
+    else:
+        report["notes"].append(f"no FirstBlockCache rows: {type(pipe).__name__} sets no cache context, which diffusers' "
+                               "FirstBlockCache needs")
     detach(pipe)
 
     # Ideal of each TAPE forward, measured with no hooks on the blocks.
@@ -191,10 +209,17 @@ def markdown_rows(r: dict) -> str:
     if "pruned_keep" in tape:
         rows.append(("TAPE default: pruned forwards, median", tape["pruned_keep"], tape["pruned_forward_ms_median"],
                      tape["pruned_ideal_ms_median"], tape["pruned_measured_over_ideal_speedup"], None, None))
-    rows += [(f"FirstBlockCache (all blocks every {r['fbc_every']} steps): mean forward", 1.0,
-              r["fbc"]["forward_ms_mean"], None, None, r["fbc"]["call_s"], r["fbc"]["peak_gib"]),
-             ("TAPE + FirstBlockCache: mean forward", r["tape_fbc"]["mean_keep"], r["tape_fbc"]["forward_ms_mean"], None,
-              None, r["tape_fbc"]["call_s"], r["tape_fbc"]["peak_gib"])]
+    if "tape_full_context" in r:
+        full = r["tape_full_context"]
+        rows += [("TAPE full context: whole call, mean forward", full["mean_keep"], full["forward_ms_mean"], None, None,
+                  full["call_s"], full["peak_gib"]),
+                 ("TAPE full context: pruned forwards, median", tape.get("pruned_keep", full["mean_keep"]),
+                  full["pruned_forward_ms_median"], None, None, None, None)]
+    if r["fbc"] is not None:
+        rows += [(f"FirstBlockCache (all blocks every {r['fbc_every']} steps): mean forward", 1.0,
+                  r["fbc"]["forward_ms_mean"], None, None, r["fbc"]["call_s"], r["fbc"]["peak_gib"]),
+                 ("TAPE + FirstBlockCache: mean forward", r["tape_fbc"]["mean_keep"], r["tape_fbc"]["forward_ms_mean"],
+                  None, None, r["tape_fbc"]["call_s"], r["tape_fbc"]["peak_gib"])]
     return "\n".join(
         f"| {r['model']} | {r['tokens']} | {method} | {keep:.3f} | {ms:.1f} | {base / ms:.2f}x | {_f(ideal)} "
         f"| {_f(ratio, 3)} | {_f(call_s, 2)} | {_f(peak, 1)} |"
@@ -207,7 +232,8 @@ def markdown(reports: list[dict], args: argparse.Namespace) -> str:
              f"Random weights ({reports[0]['info']['dtype'] if reports else '?'}), one device, {args.steps}-step "
              "pipeline calls with prompt embeddings (output_type=\"latent\", no VAE), bare forwards at a mid-schedule "
              f"timestep. TAPE = TapeConfig(keep={args.keep}, budget=\"even\"); FirstBlockCache with a fixed pattern (all blocks every "
-             f"{args.fbc_every} steps). Speedup = unpruned forward / forward. Ideal = the unpruned forward's non-block "
+             f"{args.fbc_every} steps). TAPE full context (--full-context, families that have it): the same TAPE call "
+             "with context=\"full\" (no ideal here: benchmarks/context_speed.py has it for Wan). Speedup = unpruned forward / forward. Ideal = the unpruned forward's non-block "
              "time + each block's measured time at its token count; measured / ideal speedup = ideal ms / measured ms "
              "(target >= 0.9). Made by `python benchmarks/family_speed.py " + " ".join(sys.argv[1:]) + "`.", "",
              HEADER]
@@ -231,6 +257,7 @@ def main() -> None:
     parser.add_argument("--block-repeats", type=int, default=5)
     parser.add_argument("--fbc-every", type=int, default=2)
     parser.add_argument("--warmup-calls", type=int, default=0, help="untimed pipeline calls before each timed one")
+    parser.add_argument("--full-context", action="store_true", help="also TAPE with context=\"full\"")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

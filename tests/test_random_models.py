@@ -37,8 +37,8 @@ def test_every_family_has_a_usual_and_a_tiny_shape_and_random_names():
         for name, shape in adapter.benchmark_shapes.items():
             families.setdefault(shape.family, set()).add(shape.tiny)
             assert RANDOM_MODELS[f"{name}-random"] == name
-    assert families == {family: {False, True}
-                        for family in ("wan2.1", "wan2.2", "wan2.1-vace", "cogvideox", "hunyuanvideo", "ltx")}
+    families_expected = ("wan2.1", "wan2.2", "wan2.1-vace", "cogvideox", "hunyuanvideo", "hunyuanvideo-framepack", "ltx")
+    assert families == {family: {False, True} for family in families_expected}
     with pytest.raises(ValueError, match="accepted: wan-1.3b"):
         benchmark_shape("wan-2b")
 
@@ -73,7 +73,8 @@ def test_tiny_pipelines_run_the_usual_call_on_the_shapes_latent_grid(name):
     call = adapter.benchmark_call(shape, "cpu", torch.float32, torch.Generator().manual_seed(0))
     latents = pipe(**call, num_inference_steps=2).frames
     handle.remove()
-    assert torch.isfinite(latents).all()
+    # FramePack's pipeline returns each section's latents
+    assert all(torch.isfinite(part).all() for part in (latents if isinstance(latents, list) else [latents]))
     frames, height, width = shape.video
     temporal, spatial = shape.vae
     p_t, p_h, p_w = adapter.patch_size(pipe.transformer)
@@ -84,12 +85,14 @@ def test_tiny_pipelines_run_the_usual_call_on_the_shapes_latent_grid(name):
 
 def test_family_speed_runs_end_to_end_on_the_cpu(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "family_speed.py"), "--device", "cpu", "--shape", "tiny",
-               "--families", "hunyuanvideo", "ltx", "--repeats", "1", "--block-repeats", "1", "--out", str(tmp_path)]
+               "--families", "hunyuanvideo", "ltx", "hunyuanvideo-framepack", "--full-context", "--repeats", "1",
+               "--block-repeats", "1", "--out", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "family_speed.md", "family_speed_hunyuanvideo.json", "family_speed_ltx.json"]
+        "family_speed.md", "family_speed_hunyuanvideo-framepack.json", "family_speed_hunyuanvideo.json",
+        "family_speed_ltx.json"]
     (model,) = json.loads((tmp_path / "family_speed_ltx.json").read_text())["models"]
     tape = model["tape"]
     # 5 steps, one forward each (batched CFG): 1 dense, 4 pruned at (0.5 * 5 - 1) / 4
@@ -104,6 +107,11 @@ def test_family_speed_runs_end_to_end_on_the_cpu(tmp_path):
                                                             abs=1e-3)
     assert len(model["fbc"]["forward_ms"]) == 5 and len(model["tape_fbc"]["forward_ms"]) == 5
     assert set(model["block_ms"]["LTXVideoTransformerBlock"]) == {"48", "18"}
+    full = model["tape_full_context"]  # the same call with context="full": as many forwards, as pruned
+    assert len(full["forward_ms"]) == 5 and full["mean_keep"] == pytest.approx(0.5) and full["finite_output"]
+    (framepack,) = json.loads((tmp_path / "family_speed_hunyuanvideo-framepack.json").read_text())["models"]
+    assert framepack["fbc"] is None and any("sets no cache context" in note for note in framepack["notes"])
+    assert framepack["tape"]["finite_output"] and framepack["tape_full_context"]["mean_keep"] < 1
     (hunyuan,) = json.loads((tmp_path / "family_speed_hunyuanvideo.json").read_text())["models"]
     assert set(hunyuan["block_ms"]) == {"HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"}
     assert "| ltx-video-tiny | 48 | TAPE default: pruned forwards, median | 0.375 |" in (

@@ -33,6 +33,11 @@ Not supported, each refused with a message naming what runs: LIP (FramePack is i
 there is no source video whose repeated tokens LIP could skip), TAPE's cache="block" (as on
 HunyuanVideo), context parallelism (diffusers gives the model no _cp_plan). The CLI does not load
 the pipeline (it needs an image and an image encoder): apply it from Python.
+
+Benchmark shapes (`benchmark_shapes`): the transformer at its published size with random weights,
+in the pipeline with a one-layer image encoder of SigLIP's width and token count and an 8-channel
+VAE of the real compression (it encodes the image once a call; the call asks for latents back, so
+nothing is decoded). Neither is the transformer's time, which the benchmarks measure.
 """
 
 from __future__ import annotations
@@ -41,9 +46,14 @@ import math
 from typing import Any
 
 import torch
-from diffusers import HunyuanVideoFramepackTransformer3DModel
+import numpy as np
+from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackPipeline,
+                       HunyuanVideoFramepackTransformer3DModel)
+from PIL import Image
+from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
-from .hunyuan import HunyuanVideoAdapter
+from .base import BenchmarkShape
+from .hunyuan import HUNYUAN_SHAPES, HunyuanVideoAdapter
 
 # The history inputs as the model packs them (HunyuanVideoHistoryPatchEmbed): latents and frame
 # indices by argument name, the patch kernel, and whether the latents are padded up to whole
@@ -53,12 +63,33 @@ _HISTORY = (("latents_clean", "indices_latents_clean", (1, 2, 2), False),
             ("latents_history_4x", "indices_latents_history_4x", (4, 8, 8), True))
 
 
+_FRAMEPACK = dict(HUNYUAN_SHAPES["hunyuanvideo-13b"].config, has_image_proj=True, image_proj_dim=1152,
+                  has_clean_x_embedder=True)
+FRAMEPACK_SHAPES = {
+    # lllyasviel/FramePackI2V_HY (diffusers' FramePack checkpoint): HunyuanVideo's 13B transformer
+    # (20 + 40 blocks, 3072 wide) with the image projection of SigLIP so400m's 1152-wide embeddings
+    # (384 px / 14 = 27 x 27 = 729 tokens) and the history patch embedders. One section of 33
+    # frames (latent window 9) at 832x480, diffusers' example size: 9 x 52 x 30 = 14040 video
+    # tokens, plus the history prefix (1x, 2x, 4x) and the text and image tokens.
+    "framepack-13b": BenchmarkShape(
+        "hunyuanvideo-framepack", _FRAMEPACK, (33, 832, 480), (256, 4096), (4, 8),
+        "lllyasviel/FramePackI2V_HY transformer (HunyuanVideo 13B + image projection + history embedders)",
+        guidance_scale=10.0,
+        notes=("framepack-13b: guidance-distilled, one forward per step (true_cfg_scale 1, as diffusers' example); "
+               "one 33-frame section per call (every section's forwards have the same shapes)",)),
+    "framepack-tiny": BenchmarkShape(
+        "hunyuanvideo-framepack", dict(HUNYUAN_SHAPES["hunyuanvideo-tiny"].config, has_image_proj=True,
+                                       image_proj_dim=8, has_clean_x_embedder=True),
+        (33, 64, 64), (16, 16), (4, 8), "vidprune's tiny test shape", tiny=True, guidance_scale=10.0),
+}
+
+
 class HunyuanVideoFramepackAdapter(HunyuanVideoAdapter):
     model_classes = (HunyuanVideoFramepackTransformer3DModel,)
     text_to_video_pipelines = ()  # image-to-video: the CLI's generate passes no image
     video_to_video_pipelines = ()
     supports_lip = False
-    benchmark_shapes = {}
+    benchmark_shapes = FRAMEPACK_SHAPES
 
     def prefix_tokens(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> int:
         # The model packs a history input when it is given with its frame indices.
@@ -71,3 +102,29 @@ class HunyuanVideoFramepackAdapter(HunyuanVideoAdapter):
 
     def context_tokens(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> int:
         return super().context_tokens(transformer, inputs) + inputs["image_embeds"].shape[1]
+
+    def benchmark_pipeline(self, transformers: list[torch.nn.Module], shape: BenchmarkShape) -> Any:
+        transformer = transformers[0]
+        device, dtype = transformer.device, transformer.dtype
+        width = shape.config["image_proj_dim"]
+        pixels, patch = (384, 14) if not shape.tiny else (16, 8)
+        encoder = SiglipVisionModel(SiglipVisionConfig(
+            hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1, num_attention_heads=2,
+            image_size=pixels, patch_size=patch)).to(device, dtype).eval()
+        latent = shape.config.get("in_channels", 16)
+        vae = AutoencoderKLHunyuanVideo(  # the image's latents only
+            in_channels=3, out_channels=3, latent_channels=latent, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+            up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+            norm_num_groups=4, temporal_compression_ratio=shape.vae[0],
+            spatial_compression_ratio=shape.vae[1]).to(device, dtype).eval()
+        return HunyuanVideoFramepackPipeline(
+            text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None, tokenizer_2=None,
+            image_encoder=encoder, feature_extractor=SiglipImageProcessor(size={"height": pixels, "width": pixels}))
+
+    def benchmark_call(self, shape: BenchmarkShape, device: str, dtype: torch.dtype,
+                       generator: torch.Generator) -> dict[str, Any]:
+        call = super().benchmark_call(shape, device, dtype, generator)
+        frames, height, width = shape.video
+        pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        return dict(call, image=Image.fromarray(pixels), latent_window_size=(frames - 1) // shape.vae[0] + 1)
