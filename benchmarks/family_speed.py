@@ -162,7 +162,9 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         report["tape_full_context"] = full
         vidprune.apply(pipe, config)
     fbc = stacked = None
-    if sets_cache_context:
+    if args.no_fbc:
+        report["notes"].append("no FirstBlockCache rows (--no-fbc)")
+    elif sets_cache_context:
         enable_first_block_cache(pipe, 0.0, args.fbc_every)
         stacked = pipeline_call(pipe, call, args.steps, device, args.warmup_calls)
         stacked["mean_keep"] = vidprune.stats(pipe).mean_keep
@@ -258,6 +260,7 @@ def main() -> None:
     parser.add_argument("--fbc-every", type=int, default=2)
     parser.add_argument("--warmup-calls", type=int, default=0, help="untimed pipeline calls before each timed one")
     parser.add_argument("--full-context", action="store_true", help="also TAPE with context=\"full\"")
+    parser.add_argument("--no-fbc", action="store_true", help="no FirstBlockCache calls (4. above)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -47,10 +47,8 @@ from typing import Any
 
 import torch
 import numpy as np
-from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackPipeline,
-                       HunyuanVideoFramepackTransformer3DModel)
+from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackTransformer3DModel
 from PIL import Image
-from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
 from .base import BenchmarkShape
 from .hunyuan import HUNYUAN_SHAPES, HunyuanVideoAdapter
@@ -104,6 +102,11 @@ class HunyuanVideoFramepackAdapter(HunyuanVideoAdapter):
         return super().context_tokens(transformer, inputs) + inputs["image_embeds"].shape[1]
 
     def benchmark_pipeline(self, transformers: list[torch.nn.Module], shape: BenchmarkShape) -> Any:
+        # Imported here: importing the pipeline imports transformers' SigLIP image processor, which
+        # warns where torchvision is missing, and the CLI must load quietly.
+        from diffusers import HunyuanVideoFramepackPipeline
+        from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
         transformer = transformers[0]
         device, dtype = transformer.device, transformer.dtype
         width = shape.config["image_proj_dim"]
