@@ -64,3 +64,16 @@ def test_a_users_pipeline_folder_still_gets_its_warnings(tmp_path):
     with library_warnings() as messages:
         load_pipeline(str(tmp_path / "model"), "cpu", torch.float32)
     assert any(m.startswith("Expected types for text_encoder") and "BertModel" in m for m in messages)
+
+
+def test_the_command_line_starts_without_a_library_warning():
+    """Importing every adapter must not import pipelines whose imports warn (diffusers' FramePack
+    pipeline imports transformers' SigLIP image processor, which warns without torchvision)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "vidprune.cli", "bench", "--help"], capture_output=True, text=True,
+                          cwd=root, env={"PYTHONPATH": str(root / "src"), "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
