@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import statistics
 import sys
@@ -119,7 +118,6 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     pipe = build_random_pipeline(name, device, dtype)
     pipe.set_progress_bar_config(disable=True)
-    sets_cache_context = "cache_context" in inspect.getsource(type(pipe).__call__)  # where FirstBlockCache keeps state
     call = adapter.benchmark_call(shape, device, dtype, torch.Generator().manual_seed(0))
     transformer = pipe.transformer
     report: dict[str, Any] = {"model": name, "source": shape.source, "notes": list(shape.notes),
@@ -164,7 +162,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     fbc = stacked = None
     if args.no_fbc:
         report["notes"].append("no FirstBlockCache rows (--no-fbc)")
-    elif sets_cache_context:
+    elif adapter.sets_cache_context:
         enable_first_block_cache(pipe, 0.0, args.fbc_every)
         stacked = pipeline_call(pipe, call, args.steps, device, args.warmup_calls)
         stacked["mean_keep"] = vidprune.stats(pipe).mean_keep

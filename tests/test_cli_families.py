@@ -179,6 +179,21 @@ def test_bench_runs_tape_and_first_block_cache_on_other_families_random_weights(
     assert report["call"]["num_frames"] == (17 if model.startswith("ltx") else 9)
 
 
+def test_bench_on_framepack_random_weights_runs_tape_and_refuses_step_caches(tmp_path, capsys):
+    """diffusers' FramePack pipeline opens no cache context, so no step cache runs on it; its call
+    needs the image, which the random model's inputs carry."""
+    code, _, err = run(["bench", "--model", "framepack-tiny-random", "--methods", "tape-even:0.5+fbc-fixed:2", "--out",
+                        str(tmp_path / "b")], capsys)
+    assert code == 2 and "'tape-even:0.5+fbc-fixed:2' is not accepted on a HunyuanVideoFramepackTransformer3DModel" in err
+    assert "does not open diffusers' cache context" in err and not (tmp_path / "b").exists()
+    code, _, err = run(["bench", "--model", "framepack-tiny-random", "--steps", "5", "--device", "cpu", "--warmup", "0",
+                        "--repeats", "1", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    methods = json.loads((tmp_path / "bench.json").read_text())["tasks"]["generate"]["methods"]
+    assert "tape-full:0.5" in methods and not any("fbc" in name or "mag" in name for name in methods)
+    assert methods["tape-even:0.5"]["mean_keep"] == pytest.approx(0.5)
+
+
 def test_edit_runs_lip_on_a_cogvideox_pipeline_folder(folders, tmp_path, capsys):
     """The folder holds a CogVideoXPipeline: edit loads it as CogVideoXVideoToVideoPipeline."""
     import imageio.v2 as imageio

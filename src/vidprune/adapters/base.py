@@ -72,6 +72,9 @@ class Adapter:
     #: whether every `vidprune bench` method runs on the family; else TAPE and FirstBlockCache
     #: only (the other caches are set up with Wan's module names and call order, LIP is Wan's)
     runs_every_bench_method: bool = False
+    #: whether the family's pipelines open diffusers' cache context around their transformer
+    #: calls, where diffusers' step caches (FirstBlockCache, MagCache, ...) keep their state
+    sets_cache_context: bool = True
     #: random-weight models of the family's published sizes, by name (`BenchmarkShape`)
     benchmark_shapes: dict[str, BenchmarkShape] = {}
 

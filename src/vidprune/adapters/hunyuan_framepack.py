@@ -87,6 +87,7 @@ class HunyuanVideoFramepackAdapter(HunyuanVideoAdapter):
     text_to_video_pipelines = ()  # image-to-video: the CLI's generate passes no image
     video_to_video_pipelines = ()
     supports_lip = False
+    sets_cache_context = False  # HunyuanVideoFramepackPipeline (diffusers 0.42): no step cache runs on it
     benchmark_shapes = FRAMEPACK_SHAPES
 
     def prefix_tokens(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> int:

@@ -60,9 +60,9 @@ def random_inputs(task: str, prompts: int, seeds: int, call: dict, model: str, d
                     call["height"] // spatial, call["width"] // spatial)
     inputs = []
     for prompt in range(prompts):
-        # the tensors of the family's call (embeddings, masks); the size and guidance are `call`'s
+        # the family's call (embeddings, masks, FramePack's image); the size, guidance and output are `call`'s
         arguments = {name: value for name, value in adapter.benchmark_call(shape, device, dtype, generator).items()
-                     if isinstance(value, torch.Tensor)}
+                     if name not in call and name != "output_type"}
         if task == "edit":
             arguments["latents"] = torch.randn(latent_shape, generator=generator).to(device, dtype)
         inputs += [Input(f"random text embedding {prompt}", seed, arguments) for seed in range(seeds)]

@@ -214,7 +214,14 @@ def parse_methods(texts: list[str], random_weights: bool) -> list[Method]:
 
 
 def check_family(methods: list[Method], adapter: Adapter) -> None:
-    """Refuse methods that are set up for Wan only on another family (MethodSpec.generic)."""
+    """Refuse methods that are set up for Wan only on another family (MethodSpec.generic), and
+    step caches on a family whose pipelines set no cache context."""
+    cached = [method.name for method in methods if any(REGISTRY[kind].family == "cache" for kind, _ in method.parts)]
+    if cached and not adapter.sets_cache_context:
+        raise ValueError(
+            f"method {cached[0]!r} is not accepted on a {adapter.model_classes[0].__name__}: its pipeline does not "
+            f"open diffusers' cache context, where diffusers' step caches keep their state; on this family vidprune "
+            f"bench runs TAPE ({', '.join(TAPE_METHODS)})")
     if adapter.runs_every_bench_method:
         return
     wan_only = [method.name for method in methods if not all(REGISTRY[kind].generic for kind, _ in method.parts)]
@@ -237,7 +244,8 @@ def default_methods(random_weights: bool, adapter: Adapter | None = None) -> lis
         spec = REGISTRY[kind]
         full_context = spec.tape is not None and spec.tape(0.5).context == "full"
         return ((spec.generic or adapter.runs_every_bench_method)
-                and (not full_context or adapter.supports_full_context))
+                and (not full_context or adapter.supports_full_context)
+                and (spec.family != "cache" or adapter.sets_cache_context))
 
     return [name for name in names if all(runs(kind) for kind, _ in parse_method(name).parts)]
 
