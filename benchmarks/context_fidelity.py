@@ -184,8 +184,7 @@ def main() -> None:
                 for profile in found:
                     profile.save(args.out / f"demo-{steps}steps-{context}-cost{profile.target_cost:.2f}.json")
                     # the profile's own context on its token steps (a profile of reuse and dense steps only takes "kept")
-                    fields = CONTEXTS[context] if any(0.0 < k < 1.0 for k in profile.keeps) else {}
-                    evaluate(f"profile:{profile.target_cost} {context}", vidprune.TapeConfig(budget=profile, **fields))
+                    evaluate(f"profile:{profile.target_cost} {context}", base.with_budget(profile))
     print(f"wrote {out_file}")
 
 

@@ -164,6 +164,17 @@ def test_config_refuses_full_context_where_it_cannot_apply():
         vidprune.LipConfig(tape=vidprune.TapeConfig(budget="even", context="full"))
 
 
+def test_with_budget_keeps_full_context_only_where_the_budget_has_token_steps():
+    from vidprune.budget import BudgetProfile
+
+    full = vidprune.TapeConfig(budget="even", context="full", refresh_every=3)
+    assert full.with_budget([1.0, 0.5, 0.0, 0.5]).context == "full"
+    steps_only = full.with_budget([1.0, 0.0, 1.0, 0.0])  # reuse and dense steps: full context has nothing to change
+    assert steps_only.context == "kept" and steps_only.refresh_every == 3 and steps_only.keep == 0.5
+    profile = BudgetProfile(keeps=(1.0, 0.4), cost=0.7, target_cost=0.7, context="full")
+    assert full.with_budget(profile).context == "full" and full.with_budget("cycle").context == "kept"
+
+
 def test_full_context_is_refused_with_cuda_graphs():
     from vidprune.tape import check_graphs
 

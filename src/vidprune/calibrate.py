@@ -194,10 +194,9 @@ def calibrate(search: Search, config: TapeConfig, sigmas: Sequence[float], targe
     profiles = []
     for target in targets:
         keeps, error, starts = search_budget(search, config, sigmas, target, levels, sensitivity, moves)
-        token_steps = any(0.0 < keep < 1.0 for keep in keeps)
         profiles.append(BudgetProfile(
             keeps=tuple(keeps), cost=search.mean_cost(keeps), target_cost=target, **profile_fields,
-            context=config.context if token_steps else "kept",
+            context=config.with_budget(keeps).context,
             calibration={"method": "sensitivity + knapsack allocation + local search", "levels": list(levels),
                          "error": error, "start_errors": starts, "calls": search.calls,
                          "seconds": time.perf_counter() - started}))
@@ -246,9 +245,7 @@ def pipeline_search(pipe, call: Callable[[], torch.Tensor], steps: int, config: 
                             span_layers, lambda tokens: adapter.block_flops(transformer, tokens, record.context_tokens, keys))
 
     def error(keeps: list[float]) -> float:
-        # context matters on token steps only, and a budget without any takes context "kept"
-        context = config.context if any(0.0 < keep < 1.0 for keep in keeps) else "kept"
-        apply(pipe, config.with_(budget=keeps, context=context))
+        apply(pipe, config.with_budget(keeps))
         try:
             return relative_error(call(), reference)
         finally:

@@ -3,6 +3,7 @@ ValueError that names the field, the value given and what is accepted."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -217,10 +218,7 @@ class TapeConfig:
     @property
     def token_steps(self) -> bool:
         """Whether the budget has token steps (keeps strictly between 0 and 1)."""
-        if isinstance(self.budget, str):
-            return self.budget == "even"
-        keeps = self.budget.keeps if isinstance(self.budget, BudgetProfile) else self.budget
-        return any(0.0 < k < 1.0 for k in keeps)
+        return _has_token_steps(self.budget)
 
     @property
     def reuses(self) -> bool:
@@ -279,6 +277,18 @@ class TapeConfig:
     def with_(self, **changes: Any) -> "TapeConfig":
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
+
+    def with_budget(self, budget: str | Sequence[float] | BudgetProfile) -> "TapeConfig":
+        """A copy with `budget`, keeping this context where the budget has token steps and taking
+        "kept" where it has none (full context changes token steps only, and is refused without)."""
+        return replace(self, budget=budget, context=self.context if _has_token_steps(budget) else "kept")
+
+
+def _has_token_steps(budget: str | Sequence[float] | BudgetProfile) -> bool:
+    if isinstance(budget, str):
+        return budget == "even"
+    keeps = budget.keeps if isinstance(budget, BudgetProfile) else budget
+    return any(0.0 < k < 1.0 for k in keeps)
 
 
 KV_SOURCES = ("current", "clean")
