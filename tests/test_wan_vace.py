@@ -348,3 +348,14 @@ def test_control_blocks_run_on_reuse_steps_when_a_hint_lands_after_a_span():
     assert spans == [(0, 0), (1, 5)] and len(hooks) == 2 and not any(hook.skips for hook in hooks)
     spans, hooks = control_hooks(vidprune.TapeConfig(keep=0.5))
     assert spans == [(0, 5)] and len(hooks) == len(model.vace_blocks) and all(hook.skips for hook in hooks)
+
+
+def test_with_leading_adds_the_leading_tokens_sorted_and_refuses_unequal_rows():
+    from vidprune.tokens import with_leading
+
+    index = torch.tensor([[1, 5, 6], [4, 5, 7]])
+    assert torch.equal(with_leading(index, 0, 8), index)
+    same = torch.tensor([[1, 5, 6], [2, 5, 7]])  # one leading token in each row: equal counts after
+    assert with_leading(same, 3, 8).tolist() == [[0, 1, 2, 5, 6], [0, 1, 2, 5, 7]]
+    with pytest.raises(ValueError, match="different numbers of the first 4 tokens"):
+        with_leading(index, 4, 8)  # row 0 holds one of them, row 1 none

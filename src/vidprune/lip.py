@@ -8,7 +8,7 @@ output (the mode of the latent distribution: noise-free, also where the pipeline
 normalised as the adapter says the pipeline does. Or from LipConfig(source_latents=...) or
 LipConfig(mask=...), or, for a family whose forwards carry the source video (VACE's control
 latents), from the forward's inputs (`Adapter.lip_keep_mask`). The tokens the family computes in
-every span (`Adapter.complete_selection`) join the mask. LIP works on latents (batch, channels,
+every span (`Adapter.leading_tokens`) join the mask. LIP works on latents (batch, channels,
 frames, height, width); the adapter converts a model whose latents are laid out otherwise.
 """
 
@@ -34,7 +34,7 @@ from .runtime import (
     spans_from_starts,
 )
 from .tape import Candidates, Selector, TapeState
-from .tokens import TokenGrid
+from .tokens import TokenGrid, with_leading
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ class LipPruner(TokenPruner):
         current, lip_mask = self.state.current, self.state.lip_mask
         selected = lip_mask.index if span.start < self.first_tape_layer else self._tape_select(block, inputs, span)
         # With the tokens the family always computes (LIP's mask has them): the keys below are the span's.
-        index = self.adapter.complete_selection(self.transformer, current.inputs, selected)
+        index = with_leading(selected, current.leading, current.grid.size)
         if self.config.recovery and index is lip_mask.index:
             current.span.recovery_keys = lip_mask.keys
         elif self.config.recovery:
@@ -281,8 +281,7 @@ class LipPruner(TokenPruner):
         else:
             mask = self._mask(grid, noisy)
         keep = mask.to(noisy.device).any(dim=0).flatten()  # a token is computed if any video of the batch needs it
-        index = self.adapter.complete_selection(self.transformer, current.inputs, keep.nonzero().view(1, -1))
-        keep = torch.zeros_like(keep).index_fill_(0, index[0], True)
+        keep[:current.leading] = True  # with the tokens every span computes
         reference = self._reference(keep, grid)
         if current.shard is not None:  # equal kept counts per rank: attention exchanges equal chunks
             keep = balance_keep(keep, reference, grid, current.shard.world)

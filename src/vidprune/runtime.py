@@ -25,7 +25,7 @@ from .arguments import bind_arguments
 from .graphs import Graph, SpanGraphs
 from .parallel import SequenceShard, check_shard_length, is_cp_hook, shard_of
 from .stats import ForwardRecord, PruneStats, SpanRecord
-from .tokens import TokenGrid, scatter_tokens, with_prefix
+from .tokens import TokenGrid, scatter_tokens, with_leading, with_prefix
 
 HOOK_NAME = "vidprune"
 
@@ -73,6 +73,8 @@ class ForwardState:
     # Tokens the blocks' hidden states hold before the grid's (adapter.prefix_tokens: FramePack's
     # history): every span computes them; a method's selections and scores are over the grid's.
     prefix: int = 0
+    # Grid tokens every span computes (adapter.leading_tokens: VACE's reference-image frames).
+    leading: int = 0
 
 
 class CallState:
@@ -221,7 +223,7 @@ class TokenPruner:
         record = ForwardRecord(step=None, sigma=sigma, keep=1.0, tokens=prefix + grid.size,
                                context_tokens=self.adapter.context_tokens(self.transformer, inputs))
         self.state.current = ForwardState(grid, inputs, sigma, self.state.branch_of(sigma), record, shard=shard,
-                                          prefix=prefix)
+                                          prefix=prefix, leading=self.adapter.leading_tokens(self.transformer, inputs))
         self.plan_forward(self.state.current)
 
     def end_forward(self, output: Any) -> Any:
@@ -263,7 +265,7 @@ class TokenPruner:
             # span runs on this rank's part of it.
             index = self.select(block, inputs, span)
             if index is not None:  # with the tokens the family always computes
-                index = self.adapter.complete_selection(self.transformer, current.inputs, index)
+                index = with_leading(index, current.leading, current.grid.size)
             recorded = index if index is not None and self.records_selections(span) else None
             if index is not None and current.prefix:  # from grid positions to the blocks' sequence
                 index = with_prefix(index, current.prefix)

@@ -54,6 +54,23 @@ def with_prefix(index: torch.Tensor, prefix: int) -> torch.Tensor:
     return torch.cat([leading, index + prefix], dim=1)
 
 
+def with_leading(index: torch.Tensor, leading: int, size: int) -> torch.Tensor:
+    """A sorted grid selection (batch or 1, kept) of a grid of `size` tokens with its first
+    `leading` tokens added: (batch or 1, kept'), sorted. The rows must come out equally long (they
+    gather one batch): a selection with as many of those tokens in every row does."""
+    if leading == 0:
+        return index
+    kept = torch.zeros(index.shape[0], size, dtype=torch.bool, device=index.device)
+    kept.scatter_(1, index, True)
+    kept[:, :leading] = True
+    counts = kept.sum(dim=1)
+    if index.shape[0] > 1 and not torch.equal(counts, counts[:1].expand_as(counts)):
+        raise ValueError(f"the samples of a batch kept different numbers of the first {leading} tokens, which the model "
+                         "computes in every span, so they cannot compute equal numbers of tokens: use "
+                         "TapeConfig(per_frame=True) (the default), which keeps as many of every frame in each sample")
+    return kept.nonzero()[:, 1].view(index.shape[0], -1)
+
+
 def patches(latents: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
     """(B, C, F, H, W) latents -> (B, F', H', W', C * pt * ph * pw): the values of each token."""
     b, c, f, h, w = latents.shape

@@ -264,13 +264,11 @@ class Adapter:
         control blocks), under `name`: removing vidprune's hooks removes them with the blocks'.
         None by default."""
 
-    def complete_selection(self, transformer: torch.nn.Module, inputs: dict[str, Any],
-                           index: torch.Tensor) -> torch.Tensor:
-        """The tokens a span computes, from a method's sorted selection `index` (batch or 1, kept)
-        and the forward's arguments by name `inputs`: tokens the family must always compute are
-        added (VACE's reference-image frames); LIP's keep mask gets them too. `index` itself
-        where it holds them all already (by default)."""
-        return index
+    def leading_tokens(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> int:
+        """How many tokens at the start of the grid every span computes, whatever a method selects
+        (VACE's reference-image frames), from the forward's arguments by name `inputs`; LIP's keep
+        mask gets them too. Read once a forward. None by default."""
+        return 0
 
 
 def cross_attention_block_flops(dim: int, ffn_dim: int, tokens: int, context_tokens: int,

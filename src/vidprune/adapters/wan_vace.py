@@ -32,7 +32,7 @@ Reference images (WanVACEPipeline(reference_images=...)) are extra latent frames
 video's, in the noisy latents and in the control latents, and the model gives them RoPE
 positions as frames 0..R-1 of one grid; the pipeline drops them after denoising. They stay
 frames of the token grid, so the per-frame selection and its temporal smoothing run over them,
-but every span computes all of their tokens (`complete_selection`): the video reads the
+but every span computes all of their tokens (`leading_tokens`): the video reads the
 subject's appearance from them through attention, so they are context, not content to skip,
 and they are few (one latent frame per image, against 21 for 81 video frames). The pipeline
 marks them: their control channels past the inactive video latents (the reactive video latents
@@ -52,7 +52,7 @@ mask is set the model generates new content, which may move where the control st
 tokens count as detected motion (`keep_mask(forced=...)`: dilated, the drift bound measured from
 them), and the token after one is computed too, so no pruned token's reference (its last computed
 occurrence) is generated. mask=None sets the mask everywhere: nothing is pruned. Reference-image
-frames join every LIP mask (`complete_selection`, LipConfig(mask=...) too) and take no part in the
+frames join every LIP mask (`leading_tokens`, LipConfig(mask=...) too) and take no part in the
 detection, whose frame 0, always kept, is the first video frame. LIP's one span covers all main
 blocks, so every hint but the last block's is gathered at LIP's kept tokens; restoration and
 Attention Recovery are Wan's. With LipConfig(tape=...), TAPE's selections get the reference frames
@@ -180,21 +180,9 @@ class WanVACEAdapter(WanAdapter):
                 hook = _ControlBlockHook(pruner, gathers=layer in inside, skips=skips)
                 HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, name)
 
-    def complete_selection(self, transformer: torch.nn.Module, inputs: dict[str, Any],
-                           index: torch.Tensor) -> torch.Tensor:
+    def leading_tokens(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> int:
         grid = self.token_grid(transformer, inputs)
-        reference = reference_frames(transformer, inputs["control_hidden_states"]) * grid.per_frame
-        if reference == 0 or bool(((index < reference).sum(dim=1) == reference).all()):  # all of them there already
-            return index
-        kept = torch.zeros(index.shape[0], grid.size, dtype=torch.bool, device=index.device)
-        kept.scatter_(1, index, True)
-        kept[:, :reference] = True
-        counts = kept.sum(dim=1)
-        if index.shape[0] > 1 and not torch.equal(counts, counts[:1].expand_as(counts)):
-            raise ValueError("with VACE reference images the samples of a batch kept different numbers of reference "
-                             "tokens, so they cannot compute equal numbers of tokens: use TapeConfig(per_frame=True) "
-                             "(the default), which keeps as many of every frame in each sample")
-        return kept.nonzero()[:, 1].view(index.shape[0], -1)
+        return reference_frames(transformer, inputs["control_hidden_states"]) * grid.per_frame
 
     def check_lip(self, config: Any) -> None:
         if config.kv_source == "clean":
