@@ -31,6 +31,7 @@ from vidprune.adapters.wan import WAN_SHAPES
 from vidprune.bench import ForwardTimer, build_random_pipeline
 from vidprune.bench.block_times import BlockTimes
 from vidprune.bench.timing import time_ms
+from vidprune.budget import plan_keeps
 from vidprune.selection import kept_per_frame
 from vidprune.tokens import TokenGrid
 
@@ -95,15 +96,33 @@ def main() -> None:
         w = torch.randn(2 * dim, dim, device=device, dtype=dtype)
         return statistics.median(time_ms(lambda: F.linear(x, w), 10, 2, cuda))
 
+    table = configs(args.keeps)
+    if args.methods:
+        table = {name: config for name, config in table.items() if name == "unpatched" or name in args.methods}
+    # The keeps of the token steps (not the call's mean: the dense first steps take their share),
+    # each measured before the calls so they meet warm kernels.
+    sigmas = [1 - i / args.steps for i in range(args.steps)]
+    token_keeps = sorted({k for c in table.values() if c is not None for k in plan_keeps(c, sigmas) if 0 < k < 1})
     ceiling = {}
-    for keep in args.keeps:
+    for keep in token_keeps:
         kept = kept_per_frame(grid, keep) * grid.frames
         kept_block = block_times.block_ms(middle, kept)
         extra = attention(kept, grid.size) - attention(kept, kept) + projections(grid.size - kept)
-        ceiling[keep] = {"kept_tokens": kept, "block_ms_kept": kept_block, "block_ms_full_context": kept_block + extra,
-                         "attention_ms_kept_keys": attention(kept, kept), "attention_ms_all_keys": attention(kept, grid.size)}
-        print("ceiling", keep, ceiling[keep], flush=True)
+        ceiling[kept] = {"keep": keep, "kept_tokens": kept, "block_ms_kept": kept_block,
+                         "block_ms_full_context": kept_block + extra, "attention_ms_kept_keys": attention(kept, kept),
+                         "attention_ms_all_keys": attention(kept, grid.size)}
+        print("ceiling", ceiling[kept], flush=True)
     block_full = block_times.block_ms(middle, grid.size)
+
+    def ideal_blocks_ms(record) -> float:
+        """A pruned forward's blocks at their query (and, full context, key) counts."""
+        total = len(transformer.blocks) * block_full
+        for span in record.spans:
+            if span.tokens < grid.size:
+                row = ceiling[span.tokens]
+                per_block = row["block_ms_full_context" if span.keys == grid.size else "block_ms_kept"]
+                total -= (span.end - span.start + 1) * (block_full - per_block)
+        return total
 
     # -- 2. pipeline calls -----------------------------------------------------------------------
     timer = ForwardTimer(transformer)
@@ -113,9 +132,6 @@ def main() -> None:
                     width=width, num_frames=frames, num_inference_steps=steps, output_type="latent",
                     generator=torch.Generator(device).manual_seed(0)).frames
 
-    table = configs(args.keeps)
-    if args.methods:
-        table = {name: config for name, config in table.items() if name == "unpatched" or name in args.methods}
     results = {}
     with torch.no_grad():
         for name, config in table.items():
@@ -140,14 +156,12 @@ def main() -> None:
                 entry["forward_ms"] = statistics.median(forwards)
             else:
                 stats = vidprune.stats(pipe)
-                pruned = [t for t, f in zip(forwards, stats.forwards) if f.keep < 1.0]
-                entry.update(forward_ms=statistics.median(pruned), pruned_forwards=len(pruned),
+                pruned = [(t, f) for t, f in zip(forwards, stats.forwards) if f.keep < 1.0]
+                entry.update(forward_ms=statistics.median(t for t, _ in pruned), pruned_forwards=len(pruned),
+                             pruned_keep=statistics.median(f.keep for _, f in pruned),
                              mean_keep=stats.mean_keep, token_memory_gib=stats.memory_bytes / 2**30,
-                             span_tokens=stats.forwards[-1].spans[-1].tokens, span_keys=stats.forwards[-1].spans[-1].keys)
-                keep = config.keep
-                spans_layers = sum(s.end - s.start + 1 for s in stats.forwards[-1].spans)
-                per_block = ceiling[keep]["block_ms_full_context" if config.context == "full" else "block_ms_kept"]
-                entry["ideal_blocks_ms"] = (len(transformer.blocks) - spans_layers) * block_full + spans_layers * per_block
+                             span_tokens=stats.forwards[-1].spans[-1].tokens, span_keys=stats.forwards[-1].spans[-1].keys,
+                             ideal_blocks_ms=statistics.median(ideal_blocks_ms(f) for _, f in pruned))
             results[name] = entry
             print(name, entry, flush=True)
     vidprune.remove(pipe)
@@ -178,24 +192,24 @@ def markdown(report: dict) -> str:
         f"{info['video'][0]} = {info['tokens']} tokens, WanPipeline with CFG, {info['steps']} steps (budget 'even': "
         f"dense first 20%, token steps after). Made by `{info['command']}`.",
         "",
-        "| method | mean keep | pruned forward ms | forward speedup | ideal ms | ideal / measured | call s | call speedup "
+        "| method | mean keep | pruned forwards' keep | pruned forward ms | forward speedup | ideal ms | ideal / measured | call s | call speedup "
         "| peak GiB | over unpatched GiB | token memory GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in report["methods"].items():
         lines.append(
-            f"| {name} | {e.get('mean_keep', 1.0):.2f} | {e['forward_ms']:.1f} | {e['forward_speedup']:.2f}x | "
+            f"| {name} | {e.get('mean_keep', 1.0):.2f} | {e.get('pruned_keep', 1.0):.3f} | {e['forward_ms']:.1f} | {e['forward_speedup']:.2f}x | "
             f"{e.get('ideal_forward_ms', float('nan')):.1f} | {e.get('ideal_over_measured', float('nan')):.2f} | "
             f"{e['call_s']:.1f} | {e['call_speedup']:.2f}x | {e['peak_memory_gib']:.1f} | "
             f"{e['memory_over_unpatched_gib']:+.1f} | {e.get('token_memory_gib', 0.0):.2f} |")
     lines += ["", f"Block on all tokens {report['block_ms_all_tokens']:.2f} ms; forward's non-block work "
               f"{report['non_block_ms']:.1f} ms.", "", "| keep | kept tokens | block ms kept-only | block ms full context "
               "(ideal) | attention ms kept keys | attention ms all keys |", "|---|---|---|---|---|---|"]
-    for keep, c in report["ceiling"].items():
-        lines.append(f"| {keep} | {c['kept_tokens']} | {c['block_ms_kept']:.2f} | {c['block_ms_full_context']:.2f} | "
+    for c in report["ceiling"].values():
+        lines.append(f"| {c['keep']:.3f} | {c['kept_tokens']} | {c['block_ms_kept']:.2f} | {c['block_ms_full_context']:.2f} | "
                      f"{c['attention_ms_kept_keys']:.2f} | {c['attention_ms_all_keys']:.2f} |")
-    lines += ["", "Ideal forward: the unpatched forward's non-block work, unpruned layers at all tokens, span layers at "
-              "the kept count (full context: plus the extra attention over every key and the pruned tokens' key and "
+    lines += ["", "Ideal forward (median over the pruned forwards): the unpatched forward's non-block work, unpruned "
+              "layers at all tokens, span layers at the token step's kept count (full context: plus the extra attention over every key and the pruned tokens' key and "
               "value projections, each timed alone)."]
     return "\n".join(lines) + "\n"
 
