@@ -101,6 +101,23 @@ def test_a_given_mask_gets_the_reference_frames_whole():
     assert torch.equal(out[:, video_token], out[:, video_token - FRAME_TOKENS])
 
 
+def test_with_reference_frames_the_span_attends_with_the_masks_own_recovery_keys(monkeypatch):
+    """The reference frames are in LIP's mask already: its span is the mask's selection, whose
+    recovery keys were made with the mask, not made again for the span."""
+    import vidprune.lip as lip
+
+    made = []
+    monkeypatch.setattr(lip, "recovery_keys", lambda *args: made.append(1) or recovery_keys(*args))
+    model = tiny_vace()
+    control, _ = constructed_control()
+    vidprune.apply(model, vidprune.LipConfig(detection=DETECTION, restore="prediction"))
+    model(**bare_inputs(control))
+    (span,) = vidprune.stats(model).forwards[-1].spans
+    vidprune.remove(model)
+    assert span.tokens < 5 * FRAME_TOKENS and span.index[0, :FRAME_TOKENS].tolist() == list(range(FRAME_TOKENS))
+    assert len(made) == 1  # the mask's
+
+
 @pytest.mark.parametrize("references", [0, 1])
 def test_keep_all_and_remove_are_bit_identical_through_the_pipeline(clean_pipe, references):
     reference = generate(clean_pipe, references, steps=2)

@@ -34,7 +34,7 @@ from .runtime import (
     spans_from_starts,
 )
 from .tape import Candidates, Selector, TapeState
-from .tokens import TokenGrid, with_leading
+from .tokens import TokenGrid
 
 
 @dataclass(frozen=True)
@@ -185,18 +185,17 @@ class LipPruner(TokenPruner):
 
     def select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor:
         current, lip_mask = self.state.current, self.state.lip_mask
-        selected = lip_mask.index if span.start < self.first_tape_layer else self._tape_select(block, inputs, span)
-        # With the tokens the family always computes (LIP's mask has them): the keys below are the span's.
-        index = with_leading(selected, current.leading, current.grid.size)
+        # LIP's mask and TAPE's selections hold the tokens every span computes (ForwardState.leading).
+        index = lip_mask.index if span.start < self.first_tape_layer else self._tape_select(block, inputs, span)
         if self.config.recovery and index is lip_mask.index:
             current.span.recovery_keys = lip_mask.keys
         elif self.config.recovery:
             # The CFG partner call reuses the selection (the same tensor), so it reuses its keys too.
             cached = self.state.tape_keys.get(span.start)
-            if cached is None or cached[0] is not selected:
+            if cached is None or cached[0] is not index:
                 computed = torch.zeros_like(lip_mask.computed).index_fill_(0, index[0], True)
                 keys = recovery_keys(computed, lip_mask.reference, current.grid, self.config.duplicates)
-                cached = self.state.tape_keys[span.start] = (selected, keys)
+                cached = self.state.tape_keys[span.start] = (index, keys)
             current.span.recovery_keys = cached[1]
         return index
 

@@ -25,7 +25,7 @@ from .arguments import bind_arguments
 from .graphs import Graph, SpanGraphs
 from .parallel import SequenceShard, check_shard_length, is_cp_hook, shard_of
 from .stats import ForwardRecord, PruneStats, SpanRecord
-from .tokens import TokenGrid, scatter_tokens, with_leading, with_prefix
+from .tokens import TokenGrid, scatter_tokens, with_prefix
 
 HOOK_NAME = "vidprune"
 
@@ -158,8 +158,9 @@ class TokenPruner:
         raise NotImplementedError
 
     def select(self, block: torch.nn.Module, inputs: dict[str, Any], span: Span) -> torch.Tensor | None:
-        """Sorted kept token indices (batch or 1, kept) for the span starting at this block, or
-        None to compute every token."""
+        """Sorted kept token indices (batch or 1, kept) for the span starting at this block, the
+        tokens every span computes among them (`ForwardState.leading`), or None to compute every
+        token."""
         raise NotImplementedError
 
     def finish_forward(self, current: ForwardState, output: Any) -> Any:
@@ -264,8 +265,6 @@ class TokenPruner:
             # A selection is global (the same on every rank under context parallelism); the
             # span runs on this rank's part of it.
             index = self.select(block, inputs, span)
-            if index is not None:  # with the tokens the family always computes
-                index = with_leading(index, current.leading, current.grid.size)
             recorded = index if index is not None and self.records_selections(span) else None
             if index is not None and current.prefix:  # from grid positions to the blocks' sequence
                 index = with_prefix(index, current.prefix)

@@ -18,7 +18,7 @@ from .runtime import CallState, ForwardState, OpenSpan, Span, TokenPruner, spans
 from .budget import keep_at, plan_keeps
 from .selection import (budgets_among, kept_per_frame, select_among, select_global, select_per_frame,
                         smooth_over_time)
-from .tokens import TokenGrid, scatter_tokens
+from .tokens import TokenGrid, scatter_tokens, with_leading
 
 
 class TapeState(CallState):
@@ -120,8 +120,13 @@ class Selector:
     def __call__(self, block: torch.nn.Module, inputs: dict[str, Any], state: TapeState, current: ForwardState,
                  span_start: int, keep: float, memory: SpanMemory | None,
                  candidates: Candidates | None = None) -> torch.Tensor:
-        """Sorted (batch or 1, kept) indices; `memory` must hold the span's history when the
-        config refreshes."""
+        """Sorted (batch or 1, kept) indices, the tokens every span computes among them
+        (`ForwardState.leading`); `memory` must hold the span's history when the config refreshes."""
+        index = self._select(block, inputs, state, current, span_start, keep, memory, candidates)
+        return with_leading(index, current.leading, current.grid.size)
+
+    def _select(self, block: torch.nn.Module, inputs: dict[str, Any], state: TapeState, current: ForwardState,
+                span_start: int, keep: float, memory: SpanMemory | None, candidates: Candidates | None) -> torch.Tensor:
         config, grid, shard = self.config, current.grid, current.shard
         hidden_states = inputs["hidden_states"]
         prefix = current.prefix  # the tokens before the grid's (FramePack's history): never selected
