@@ -107,8 +107,9 @@ def pipeline_call(pipe: Any, call: dict, steps: int, device: str, warmup_calls: 
         forwards = timer.take()
     finally:
         timer.remove()
+    parts = latents if isinstance(latents, list) else [latents]  # FramePack's: one tensor a section
     return {"forward_ms": [round(t, 3) for t in forwards], "forward_ms_mean": statistics.mean(forwards),
-            "call_s": seconds, "peak_gib": peak_gib(device), "finite_output": all(bool(torch.isfinite(t).all()) for t in (latents if isinstance(latents, list) else [latents]))}
+            "call_s": seconds, "peak_gib": peak_gib(device), "finite_output": all(bool(part.isfinite().all()) for part in parts)}
 
 
 def measure(name: str, args: argparse.Namespace) -> dict:
@@ -146,19 +147,21 @@ def measure(name: str, args: argparse.Namespace) -> dict:
             blocks.block_ms(layer, kept_per_frame(grid, keep) * grid.frames)
     non_block_ms = report["unpruned"]["forward_ms_median"] - blocks.blocks_ms()
 
-    vidprune.apply(pipe, config)
-    tape = pipeline_call(pipe, call, args.steps, device, args.warmup_calls)
-    records = list(vidprune.stats(pipe).forwards)
-    tape.update(mean_keep=vidprune.stats(pipe).mean_keep, token_memory_gib=vidprune.stats(pipe).memory_bytes / 2**30)
+    def tape_call(tape_config: vidprune.TapeConfig) -> tuple[dict, list]:
+        """One timed call pruned by `tape_config` (left applied), and its forwards' records."""
+        vidprune.apply(pipe, tape_config)
+        result = pipeline_call(pipe, call, args.steps, device, args.warmup_calls)
+        stats = vidprune.stats(pipe)
+        pruned = [(ms, r.keep) for ms, r in zip(result["forward_ms"], stats.forwards) if r.keep < 1]
+        result.update(mean_keep=stats.mean_keep, token_memory_gib=stats.memory_bytes / 2**30)
+        if pruned:
+            result.update(pruned_keep=statistics.mean(keep for _, keep in pruned),
+                          pruned_forward_ms_median=statistics.median(ms for ms, _ in pruned))
+        return result, list(stats.forwards)
+
     if args.full_context and adapter.supports_full_context:
-        vidprune.apply(pipe, config.with_(context="full"))
-        full = pipeline_call(pipe, call, args.steps, device, args.warmup_calls)
-        full_records = vidprune.stats(pipe).forwards
-        full.update(mean_keep=vidprune.stats(pipe).mean_keep, token_memory_gib=vidprune.stats(pipe).memory_bytes / 2**30,
-                    pruned_forward_ms_median=statistics.median(
-                        ms for ms, r in zip(full["forward_ms"], full_records) if r.keep < 1))
-        report["tape_full_context"] = full
-        vidprune.apply(pipe, config)
+        report["tape_full_context"], _ = tape_call(config.with_(context="full"))
+    tape, records = tape_call(config)  # left applied for the stacked FirstBlockCache below
     fbc = stacked = None
     if args.no_fbc:
         report["notes"].append("no FirstBlockCache rows (--no-fbc)")
@@ -182,8 +185,6 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     tape["ideal_ms_mean"] = statistics.mean(ideal)
     tape["measured_over_ideal_speedup"] = tape["ideal_ms_mean"] / tape["forward_ms_mean"]
     if pruned:
-        tape["pruned_keep"] = statistics.mean(keep for _, _, keep in pruned)
-        tape["pruned_forward_ms_median"] = statistics.median(ms for ms, _, _ in pruned)
         tape["pruned_ideal_ms_median"] = statistics.median(best for _, best, _ in pruned)
         tape["pruned_measured_over_ideal_speedup"] = tape["pruned_ideal_ms_median"] / tape["pruned_forward_ms_median"]
     report.update(tape=tape, fbc=fbc, tape_fbc=stacked, non_block_ms=non_block_ms, block_ms=blocks.measured(),
@@ -213,8 +214,8 @@ def markdown_rows(r: dict) -> str:
         full = r["tape_full_context"]
         rows += [("TAPE full context: whole call, mean forward", full["mean_keep"], full["forward_ms_mean"], None, None,
                   full["call_s"], full["peak_gib"]),
-                 ("TAPE full context: pruned forwards, median", tape.get("pruned_keep", full["mean_keep"]),
-                  full["pruned_forward_ms_median"], None, None, None, None)]
+                 ("TAPE full context: pruned forwards, median", full["pruned_keep"], full["pruned_forward_ms_median"],
+                  None, None, None, None)]
     if r["fbc"] is not None:
         rows += [(f"FirstBlockCache (all blocks every {r['fbc_every']} steps): mean forward", 1.0,
                   r["fbc"]["forward_ms_mean"], None, None, r["fbc"]["call_s"], r["fbc"]["peak_gib"]),
