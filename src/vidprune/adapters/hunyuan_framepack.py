@@ -45,8 +45,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 import numpy as np
+import torch
 from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackTransformer3DModel
 from PIL import Image
 
